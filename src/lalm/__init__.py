@@ -1,0 +1,1 @@
+"""lalm: large audio-language models (Qwen2-Audio end to end)."""

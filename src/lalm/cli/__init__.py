@@ -1,0 +1,1 @@
+"""Command-line front ends for inference (`lalm chat`, `lalm generate`)."""
