@@ -80,12 +80,17 @@ def _to_float32(array: np.ndarray, name: str) -> np.ndarray:
     raise AudioError(f"{name}: unsupported sample type {array.dtype}")
 
 
-def _to_mono_16k(array: np.ndarray, rate: int, name: str) -> np.ndarray:
-    """(n,) or (n, channels) array at `rate` -> (n',) float32 at 16 kHz."""
+def _to_mono_16k(array: np.ndarray, rate: int, name: str, channels_last: bool = False) -> np.ndarray:
+    """(n,) or 2-D array at `rate` -> (n',) float32 at 16 kHz.
+
+    soundfile returns (frames, channels) (channels_last); for user arrays the channel axis is
+    taken to be the shorter one.
+    """
     array = np.asarray(array)
+    if array.size == 0:
+        raise AudioError(f"{name}: contains no audio samples (empty)")
     if array.ndim == 2:
-        # soundfile returns (frames, channels); for user arrays the channel axis is the short one
-        if array.shape[0] < array.shape[1]:
+        if not channels_last and array.shape[0] < array.shape[1]:
             array = array.T
         array = _to_float32(array, name).mean(axis=1, dtype=np.float32)
     elif array.ndim == 1:
@@ -141,7 +146,7 @@ def load_audio(src: Any) -> np.ndarray:
         data, rate = sf.read(handle, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
         raise AudioError(f"{name}: cannot decode as audio (wav/flac/ogg/mp3): {e}") from None
-    return _to_mono_16k(data, rate, name)
+    return _to_mono_16k(data, rate, name, channels_last=True)
 
 
 # ----------------------------------------------------------------------------- windows
