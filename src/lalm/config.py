@@ -256,14 +256,17 @@ class ModelConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> ModelConfig:
-        """A named preset; `overrides` replace top-level fields or, with `audio.`/`text.` dotted
-        names given as `audio={...}` / `text={...}` dicts, fields of the sub-configs."""
+        """A named preset with overrides: top-level fields by name, sub-config fields as dicts,
+        e.g. `ModelConfig.preset("tiny", text={"num_hidden_layers": 4}, audio_token_index=7)`."""
         if name not in PRESETS:
             raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
         d = PRESETS[name].to_dict()
         for key, value in overrides.items():
             if key in ("audio", "text"):
-                d[f"{key}_config"].update(value)
+                sub = d[f"{key}_config"]
+                if "rope_theta" in value or "rope_parameters" in value:
+                    sub.pop("rope_theta", None), sub.pop("rope_parameters", None)  # one source of truth
+                sub.update(value)
             else:
                 d[key] = value
         return cls.from_dict(d)

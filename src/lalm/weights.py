@@ -108,6 +108,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
     device: where the tensors go (default CPU); each tensor is moved as it is read.
     """
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint folder")
     config = ModelConfig.load(path)
     files = checkpoint_files(path)
     stored, stored_dtype = _stored_shapes(files)
@@ -149,7 +151,9 @@ def save_checkpoint(model: Qwen2AudioForConditionalGeneration, path: str | Path,
     model.config.save(path)
     state = model.state_dict()
     if model.config.text.tie_word_embeddings:
-        state.pop(TIED_HEAD)  # safetensors stores no aliases; loaders re-tie from the config
+        # safetensors stores no aliases, and transformers' Qwen2Audio never re-ties a head: write
+        # the head as its own copy so every loader gets the same logits.
+        state[TIED_HEAD] = state[TIED_HEAD].clone()
     shards: list[list[str]] = [[]]
     size = 0
     for name, t in state.items():

@@ -1,0 +1,193 @@
+"""lalm's model against transformers' Qwen2AudioForConditionalGeneration on the same random
+checkpoints (fp32, CPU): logits max |diff| <= 1e-4 on every real position."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from hf_reference import (SHAPES, conv_frames, conversation_ids, left_pad, n_audio_tokens,  # noqa: E402
+                          special_ids, valid_mel, waveform, whisper_features)
+
+from lalm.errors import AudioError, ChatFormatError  # noqa: E402
+from lalm.model import KVCache, num_audio_tokens  # noqa: E402
+
+TOL = 1e-4
+
+# scenario -> conversations, each (turns, audio seconds); see hf_reference.conversation_ids
+SCENARIOS = {
+    "one_audio": [([["audio", 6]], [2.0])],
+    "two_audios_one_turn": [([[2, "audio", "audio", 5]], [1.0, 3.3])],
+    "multi_turn": [([["audio", 4], [7], [3, "audio"], [5], [2]], [0.7, 1.6])],
+    "text_only": [([[9], [4], [6]], [])],
+    "batch_of_three": [([["audio", 3]], [2.6]), ([[12], [3]], []), ([[1, "audio", "audio"], [8], [2]], [0.3, 1.1])],
+}
+
+
+def make_inputs(shape: str, conversations, seed: int = 0):
+    """Reference inputs (features padded to 3000 frames) and lalm inputs (valid frames only)."""
+    spec = SHAPES[shape]
+    vocab, n_mels = spec["text"]["vocab_size"], spec["audio"]["num_mel_bins"]
+    waves = [waveform(sec, seed + 10 * i + k) for i, (_, secs) in enumerate(conversations)
+             for k, sec in enumerate(secs)]
+    feats = fmask = mel = frames = None
+    tokens = []
+    if waves:
+        feats, fmask = whisper_features(waves, n_mels)
+        mel, frames = valid_mel(feats, fmask)
+        tokens = [n_audio_tokens(int(f)) for f in frames]
+    seqs, k = [], 0
+    for i, (turns, secs) in enumerate(conversations):
+        seqs.append(conversation_ids(turns, tokens[k:k + len(secs)], vocab, seed + i))
+        k += len(secs)
+    ids, mask, pos = left_pad(seqs, special_ids(vocab)["pad"])
+    return dict(ids=ids, mask=mask, pos=pos, feats=feats, fmask=fmask, mel=mel, frames=frames)
+
+
+def reference_logits(hf, x):
+    with torch.no_grad():
+        return hf(input_ids=x["ids"], attention_mask=x["mask"].long(), position_ids=x["pos"],
+                  input_features=x["feats"], feature_attention_mask=x["fmask"]).logits
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_logits_match_transformers(hf_model, lalm_model, shape, scenario):
+    x = make_inputs(shape, SCENARIOS[scenario])
+    ref = reference_logits(hf_model(shape), x)
+    with torch.no_grad():
+        out = lalm_model(shape)(x["ids"], x["pos"], x["mask"], x["mel"], x["frames"])
+    assert out.shape == ref.shape
+    real = x["mask"]
+    assert ref[real].abs().max() > 0.5  # random O(1) weights: a wrong model cannot pass by accident
+    assert (out - ref)[real].abs().max().item() <= TOL
+    assert torch.isfinite(out).all()  # padding rows stay finite too (they attend to themselves)
+
+
+def test_default_position_ids_and_last_logits(lalm_model):
+    x = make_inputs("gqa", SCENARIOS["batch_of_three"])
+    model = lalm_model("gqa")
+    with torch.no_grad():
+        full = model(x["ids"], x["pos"], x["mask"], x["mel"], x["frames"])
+        implicit = model(x["ids"], attention_mask=x["mask"], mel=x["mel"], mel_frames=x["frames"])
+        last = model(x["ids"], x["pos"], x["mask"], x["mel"], x["frames"], logits_to_keep=1)
+        hidden = model.hidden_states(x["ids"], x["pos"], x["mask"], x["mel"], x["frames"])
+    assert torch.equal(full, implicit)
+    assert last.shape == (3, 1, full.shape[-1])
+    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=0, atol=1e-5)
+    real = x["mask"]
+    torch.testing.assert_close(model.language_model.lm_head(hidden[real]), full[real], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", ["gqa", "odd"])
+def test_kv_cache_steps_equal_full_forward(lalm_model, shape):
+    """Prefill a left-padded batch with audio, then feed the rest one token at a time."""
+    x = make_inputs(shape, SCENARIOS["batch_of_three"])
+    model = lalm_model(shape)
+    ids, mask, pos = x["ids"], x["mask"], x["pos"]
+    B, T = ids.shape
+    with torch.no_grad():
+        full = model(ids, pos, mask, x["mel"], x["frames"])
+        cache = KVCache.for_model(model, batch=B, max_len=T + 3)
+        P = T - 4  # all audio tokens lie in the prefill
+        assert not (ids[:, P:] == model.config.audio_token_index).any()
+        steps = [model(ids[:, :P], pos[:, :P], mask[:, :P], x["mel"], x["frames"], cache=cache, cache_pos=0)]
+        for t in range(P, T):
+            slot = torch.tensor([t]) if t % 2 else t  # both cache_pos forms
+            steps.append(model(ids[:, t:t + 1], pos[:, t:t + 1], mask[:, :t + 1], cache=cache, cache_pos=slot))
+    stepped = torch.cat(steps, dim=1)
+    assert (stepped - full)[mask].abs().max().item() <= TOL
+
+
+def test_kv_cache_without_padding_uses_causal_prefill(lalm_model):
+    x = make_inputs("mha", SCENARIOS["one_audio"])
+    model = lalm_model("mha")
+    ids, T = x["ids"], x["ids"].shape[1]
+    with torch.no_grad():
+        full = model(ids, mel=x["mel"], mel_frames=x["frames"])
+        cache = KVCache.for_model(model, batch=1, max_len=T)
+        first = model(ids[:, :-2], mel=x["mel"], mel_frames=x["frames"], cache=cache, cache_pos=0)
+        a = model(ids[:, -2:-1], cache=cache, cache_pos=T - 2)
+        b = model(ids[:, -1:], cache=cache, cache_pos=T - 1)
+    assert (torch.cat([first, a, b], 1) - full).abs().max().item() <= TOL
+
+
+def test_encoder_runs_on_valid_frames_only(lalm_model):
+    """A 3 s clip gives the encoder ~300 mel frames (150 positions), not 3000."""
+    x = make_inputs("gqa", [([["audio"]], [3.0])])
+    model = lalm_model("gqa")
+    seen = []
+    hook = model.audio_tower.conv1.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[-1]))
+    try:
+        with torch.no_grad():
+            model(x["ids"], x["pos"], x["mask"], x["mel"], x["frames"])
+    finally:
+        hook.remove()
+    assert int(x["frames"][0]) == 300
+    assert seen == [conv_frames(300)] and seen[0] <= 302
+
+
+def test_with_lalm_front_end(hf_model, lalm_model):
+    """Same parity with mel from lalm.audio.log_mel (the front-end's floor frames) instead of slices."""
+    audio = pytest.importorskip("lalm.audio")
+    if not hasattr(audio, "log_mel"):
+        pytest.skip("lalm.audio.log_mel not there yet")
+    conversations = SCENARIOS["batch_of_three"]
+    x = make_inputs("gqa", conversations)
+    waves = [waveform(sec, 10 * i + k) for i, (_, secs) in enumerate(conversations) for k, sec in enumerate(secs)]
+    mels = [audio.log_mel(w, 128) for w in waves]
+    frames = torch.tensor([int(n) for _, n in mels])
+    assert torch.equal(frames, x["frames"])
+    mel = torch.zeros(len(mels), 128, max(m.shape[-1] for m, _ in mels))
+    for i, (m, _) in enumerate(mels):
+        mel[i, :, :m.shape[-1]] = m
+    ref = reference_logits(hf_model("gqa"), x)
+    with torch.no_grad():
+        out = lalm_model("gqa")(x["ids"], x["pos"], x["mask"], mel, frames)
+    assert (out - ref)[x["mask"]].abs().max().item() <= TOL
+
+
+def test_num_audio_tokens_formula():
+    frames = torch.tensor([1, 2, 3, 4, 5, 100, 2999, 3000])
+    # spec: N = ((L - 1)//2 + 1 - 2)//2 + 1; 30 s -> 750, 1 s -> 50
+    assert num_audio_tokens(frames).tolist() == [0, 0, 1, 1, 1, 25, 750, 750]
+    assert num_audio_tokens(torch.tensor([100 * 30, 100])).tolist() == [750, 25]
+
+
+def test_mismatched_audio_tokens_raise(lalm_model):
+    x = make_inputs("gqa", SCENARIOS["one_audio"])
+    model = lalm_model("gqa")
+    ids = x["ids"].clone()
+    ids[0, (ids[0] == model.config.audio_token_index).nonzero()[0]] = 5  # one placeholder fewer
+    with pytest.raises(ChatFormatError, match="do not match"):
+        model(ids, mel=x["mel"], mel_frames=x["frames"])
+    with pytest.raises(ChatFormatError, match="no audio"):
+        model(x["ids"])
+
+
+def test_bad_mel_raises(lalm_model):
+    model = lalm_model("gqa")
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(AudioError, match="at most 3000"):
+        model.encode_audio(torch.zeros(1, 128, 3002), torch.tensor([3001]))
+    with pytest.raises(AudioError, match="128"):
+        model(ids, mel=torch.zeros(1, 80, 100), mel_frames=torch.tensor([100]))
+    with pytest.raises(AudioError, match="valid frames"):
+        model.encode_audio(torch.zeros(1, 128, 100), torch.tensor([101]))
+
+
+def test_training_gradients_are_finite_with_padding(lalm_model):
+    x = make_inputs("gqa", SCENARIOS["batch_of_three"])
+    model = lalm_model("gqa")
+    model.zero_grad()
+    hidden = model.hidden_states(x["ids"], x["pos"], x["mask"], x["mel"], x["frames"])
+    targets = x["ids"][:, 1:][x["mask"][:, :-1]]
+    logits = model.language_model.lm_head(hidden[:, :-1][x["mask"][:, :-1]])
+    torch.nn.functional.cross_entropy(logits, targets).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert "audio_tower.embed_positions.weight" not in grads  # frozen, as in the reference
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert grads["audio_tower.conv1.weight"].abs().sum() > 0  # the loss reaches the encoder
+    model.zero_grad(set_to_none=True)
