@@ -165,7 +165,7 @@ class Tokenizer:
                 tk.add_tokens([token])
             if tk.token_to_id(content) != i:
                 raise ConfigError(f"{cfg_path}: added token {content!r} should have id {i} but got "
-                                  f"{tk.token_to_id(content)} (vocab.json has {bpe.get_vocab_size()} entries)")
+                                  f"{tk.token_to_id(content)} (vocab.json has {tk.get_vocab_size(with_added_tokens=False)} entries)")
         missing = [t for t in SPECIAL_TOKENS if tk.token_to_id(t) is None]
         if missing and not added:
             _add_specials(tk, missing)  # plain Qwen2 vocab: append the Qwen2-Audio specials
