@@ -19,7 +19,9 @@ def hf_checkpoint(tmp_path_factory):
 
     def get(shape: str = "gqa", seed: int = 0):
         if (shape, seed) not in cache:
-            cache[shape, seed] = build_hf_checkpoint(tmp_path_factory.mktemp(f"hf-{shape}-{seed}"), shape, seed)
+            cache[shape, seed] = build_hf_checkpoint(
+                tmp_path_factory.mktemp(f"hf-{shape}-{seed}"), shape, seed
+            )
         return cache[shape, seed]
 
     return get

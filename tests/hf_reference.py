@@ -16,24 +16,67 @@ import torch
 # Model shapes the parity tests cover. `text`/`audio` are Qwen2Config / Qwen2AudioEncoderConfig kwargs.
 SHAPES: dict[str, dict] = {
     # grouped-query attention: 4 query heads share 2 KV heads
-    "gqa": dict(
-        audio=dict(d_model=32, encoder_attention_heads=4, encoder_ffn_dim=64, encoder_layers=2, num_mel_bins=128),
-        text=dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=2048),
-    ),
+    "gqa": {
+        "audio": {
+            "d_model": 32,
+            "encoder_attention_heads": 4,
+            "encoder_ffn_dim": 64,
+            "encoder_layers": 2,
+            "num_mel_bins": 128,
+        },
+        "text": {
+            "vocab_size": 512,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 2048,
+        },
+    },
     # plain multi-head attention, as in the released 7B
-    "mha": dict(
-        audio=dict(d_model=32, encoder_attention_heads=2, encoder_ffn_dim=48, encoder_layers=2, num_mel_bins=128),
-        text=dict(vocab_size=400, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5, max_position_embeddings=2048),
-    ),
+    "mha": {
+        "audio": {
+            "d_model": 32,
+            "encoder_attention_heads": 2,
+            "encoder_ffn_dim": 48,
+            "encoder_layers": 2,
+            "num_mel_bins": 128,
+        },
+        "text": {
+            "vocab_size": 400,
+            "hidden_size": 48,
+            "intermediate_size": 80,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 2048,
+        },
+    },
     # odd sizes: hidden 40 = 5 heads x 8, one KV head, encoder 24 = 3 x 8, 80 mel bins, theta 1e6
-    "odd": dict(
-        audio=dict(d_model=24, encoder_attention_heads=3, encoder_ffn_dim=40, encoder_layers=3, num_mel_bins=80),
-        text=dict(vocab_size=389, hidden_size=40, intermediate_size=72, num_hidden_layers=3, head_dim=8,
-                  num_attention_heads=5, num_key_value_heads=1, rms_norm_eps=1e-6, max_position_embeddings=2048,
-                  rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
-    ),
+    "odd": {
+        "audio": {
+            "d_model": 24,
+            "encoder_attention_heads": 3,
+            "encoder_ffn_dim": 40,
+            "encoder_layers": 3,
+            "num_mel_bins": 80,
+        },
+        "text": {
+            "vocab_size": 389,
+            "hidden_size": 40,
+            "intermediate_size": 72,
+            "num_hidden_layers": 3,
+            "head_dim": 8,
+            "num_attention_heads": 5,
+            "num_key_value_heads": 1,
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 2048,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+        },
+    },
 }
 
 
@@ -48,9 +91,11 @@ def hf_config(shape: str):
 
     spec = SHAPES[shape]
     ids = special_ids(spec["text"]["vocab_size"])
-    return Qwen2AudioConfig(audio_config=dict(spec["audio"], max_source_positions=1500),
-                            text_config=dict(spec["text"], model_type="qwen2"),
-                            audio_token_index=ids["audio"])
+    return Qwen2AudioConfig(
+        audio_config=dict(spec["audio"], max_source_positions=1500),
+        text_config=dict(spec["text"], model_type="qwen2"),
+        audio_token_index=ids["audio"],
+    )
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:
@@ -86,7 +131,7 @@ def load_hf_model(path: str | Path):
 def waveform(seconds: float, seed: int) -> np.ndarray:
     """Noise plus a gliding tone with a fading envelope (so the log-mel floor is exercised)."""
     rng = np.random.default_rng(seed)
-    n = max(1, int(round(seconds * 16000)))
+    n = max(1, round(seconds * 16000))
     t = np.arange(n) / 16000
     tone = np.sin(2 * np.pi * (200 + 300 * rng.random() + 100 * t) * t)
     env = np.exp(-t * rng.uniform(0.1, 1.0))
@@ -97,9 +142,21 @@ def whisper_features(waves: list[np.ndarray], n_mels: int):
     """Reference input_features (n, n_mels, 3000) and feature_attention_mask (n, 3000)."""
     from transformers import WhisperFeatureExtractor
 
-    fe = WhisperFeatureExtractor(feature_size=n_mels, sampling_rate=16000, hop_length=160,
-                                 chunk_length=30, n_fft=400, padding_value=0.0)
-    out = fe(waves, sampling_rate=16000, padding="max_length", return_attention_mask=True, return_tensors="pt")
+    fe = WhisperFeatureExtractor(
+        feature_size=n_mels,
+        sampling_rate=16000,
+        hop_length=160,
+        chunk_length=30,
+        n_fft=400,
+        padding_value=0.0,
+    )
+    out = fe(
+        waves,
+        sampling_rate=16000,
+        padding="max_length",
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
     return out["input_features"], out["attention_mask"]
 
 
@@ -123,8 +180,13 @@ def n_audio_tokens(mel_frames: int) -> int:
     return ((mel_frames - 1) // 2 + 1 - 2) // 2 + 1
 
 
-def conversation_ids(turns: list[list], audio_tokens: list[int], vocab_size: int, seed: int,
-                     generation_prompt: bool = True) -> list[int]:
+def conversation_ids(
+    turns: list[list],
+    audio_tokens: list[int],
+    vocab_size: int,
+    seed: int,
+    generation_prompt: bool = True,
+) -> list[int]:
     """Processor-style ids for a conversation with synthetic text tokens.
 
     turns: alternating user/assistant turns, each a list of parts: an int n (n random text
@@ -133,14 +195,22 @@ def conversation_ids(turns: list[list], audio_tokens: list[int], vocab_size: int
     """
     rng = np.random.default_rng(seed)
     s = special_ids(vocab_size)
-    text = lambda n: rng.integers(0, s["pad"], n).tolist()  # noqa: E731
+
+    def text(n):
+        return rng.integers(0, s["pad"], n).tolist()
+
     ids = [s["im_start"], *text(3), s["im_end"], 7]  # system prompt
     k = 0
     for i, turn in enumerate(turns):
         ids += [s["im_start"], 11 + i % 2, 7]  # role, "\n"
         for part in turn:
             if part == "audio":
-                ids += text(4) + [s["audio_bos"]] + [s["audio"]] * audio_tokens[k] + [s["audio_eos"], 7]
+                ids += (
+                    text(4)
+                    + [s["audio_bos"]]
+                    + [s["audio"]] * audio_tokens[k]
+                    + [s["audio_eos"], 7]
+                )
                 k += 1
             else:
                 ids += text(part)
@@ -157,7 +227,7 @@ def left_pad(seqs: list[list[int]], pad_id: int):
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.bool)
     for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s)
-        mask[i, T - len(s):] = True
+        ids[i, T - len(s) :] = torch.tensor(s)
+        mask[i, T - len(s) :] = True
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
     return ids, mask, pos

@@ -15,8 +15,10 @@ def test_full_size_names_shapes_and_count():
         model = Qwen2AudioForConditionalGeneration(config)
     state = model.state_dict()
     assert len(state) == 876
-    counts = {p: sum(k.startswith(p) for k in state)
-              for p in ("audio_tower.", "multi_modal_projector.", "language_model.")}
+    counts = {
+        p: sum(k.startswith(p) for k in state)
+        for p in ("audio_tower.", "multi_modal_projector.", "language_model.")
+    }
     assert counts == {"audio_tower.": 487, "multi_modal_projector.": 2, "language_model.": 387}
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     expected = {
@@ -41,7 +43,9 @@ def test_full_size_names_shapes_and_count():
     # Whisper: no key bias; Qwen2: bias on q/k/v only.
     assert "audio_tower.layers.0.self_attn.k_proj.bias" not in state
     assert "language_model.model.layers.0.self_attn.o_proj.bias" not in state
-    assert not any(k.startswith("language_model.model.layers.0.mlp.") and k.endswith("bias") for k in state)
+    assert not any(
+        k.startswith("language_model.model.layers.0.mlp.") and k.endswith("bias") for k in state
+    )
     n = sum(p.numel() for p in model.parameters())
     assert n == config.num_parameters()
     assert 8.39e9 < n < 8.41e9  # ~8.40 B by shape (LM 7.755 B, encoder 0.637 B, projector 5.2 M)

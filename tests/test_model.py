@@ -8,11 +8,20 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_reference import (SHAPES, conv_frames, conversation_ids, left_pad, n_audio_tokens,  # noqa: E402
-                          special_ids, valid_mel, waveform, whisper_features)
+from hf_reference import (
+    SHAPES,
+    conv_frames,
+    conversation_ids,
+    left_pad,
+    n_audio_tokens,
+    special_ids,
+    valid_mel,
+    waveform,
+    whisper_features,
+)
 
-from lalm.errors import AudioError, ChatFormatError  # noqa: E402
-from lalm.model import KVCache, num_audio_tokens  # noqa: E402
+from lalm.errors import AudioError, ChatFormatError
+from lalm.model import KVCache, num_audio_tokens
 
 TOL = 1e-4
 
@@ -22,7 +31,11 @@ SCENARIOS = {
     "two_audios_one_turn": [([[2, "audio", "audio", 5]], [1.0, 3.3])],
     "multi_turn": [([["audio", 4], [7], [3, "audio"], [5], [2]], [0.7, 1.6])],
     "text_only": [([[9], [4], [6]], [])],
-    "batch_of_three": [([["audio", 3]], [2.6]), ([[12], [3]], []), ([[1, "audio", "audio"], [8], [2]], [0.3, 1.1])],
+    "batch_of_three": [
+        ([["audio", 3]], [2.6]),
+        ([[12], [3]], []),
+        ([[1, "audio", "audio"], [8], [2]], [0.3, 1.1]),
+    ],
 }
 
 
@@ -30,8 +43,11 @@ def make_inputs(shape: str, conversations, seed: int = 0):
     """Reference inputs (features padded to 3000 frames) and lalm inputs (valid frames only)."""
     spec = SHAPES[shape]
     vocab, n_mels = spec["text"]["vocab_size"], spec["audio"]["num_mel_bins"]
-    waves = [waveform(sec, seed + 10 * i + k) for i, (_, secs) in enumerate(conversations)
-             for k, sec in enumerate(secs)]
+    waves = [
+        waveform(sec, seed + 10 * i + k)
+        for i, (_, secs) in enumerate(conversations)
+        for k, sec in enumerate(secs)
+    ]
     feats = fmask = mel = frames = None
     tokens = []
     if waves:
@@ -40,16 +56,29 @@ def make_inputs(shape: str, conversations, seed: int = 0):
         tokens = [n_audio_tokens(int(f)) for f in frames]
     seqs, k = [], 0
     for i, (turns, secs) in enumerate(conversations):
-        seqs.append(conversation_ids(turns, tokens[k:k + len(secs)], vocab, seed + i))
+        seqs.append(conversation_ids(turns, tokens[k : k + len(secs)], vocab, seed + i))
         k += len(secs)
     ids, mask, pos = left_pad(seqs, special_ids(vocab)["pad"])
-    return dict(ids=ids, mask=mask, pos=pos, feats=feats, fmask=fmask, mel=mel, frames=frames)
+    return {
+        "ids": ids,
+        "mask": mask,
+        "pos": pos,
+        "feats": feats,
+        "fmask": fmask,
+        "mel": mel,
+        "frames": frames,
+    }
 
 
 def reference_logits(hf, x):
     with torch.no_grad():
-        return hf(input_ids=x["ids"], attention_mask=x["mask"].long(), position_ids=x["pos"],
-                  input_features=x["feats"], feature_attention_mask=x["fmask"]).logits
+        return hf(
+            input_ids=x["ids"],
+            attention_mask=x["mask"].long(),
+            position_ids=x["pos"],
+            input_features=x["feats"],
+            feature_attention_mask=x["fmask"],
+        ).logits
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
@@ -78,7 +107,9 @@ def test_default_position_ids_and_last_logits(lalm_model):
     assert last.shape == (3, 1, full.shape[-1])
     torch.testing.assert_close(last[:, 0], full[:, -1], rtol=0, atol=1e-5)
     real = x["mask"]
-    torch.testing.assert_close(model.language_model.lm_head(hidden[real]), full[real], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        model.language_model.lm_head(hidden[real]), full[real], rtol=0, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("shape", ["gqa", "odd"])
@@ -93,10 +124,22 @@ def test_kv_cache_steps_equal_full_forward(lalm_model, shape):
         cache = KVCache.for_model(model, batch=B, max_len=T + 3)
         P = T - 4  # all audio tokens lie in the prefill
         assert not (ids[:, P:] == model.config.audio_token_index).any()
-        steps = [model(ids[:, :P], pos[:, :P], mask[:, :P], x["mel"], x["frames"], cache=cache, cache_pos=0)]
+        steps = [
+            model(
+                ids[:, :P], pos[:, :P], mask[:, :P], x["mel"], x["frames"], cache=cache, cache_pos=0
+            )
+        ]
         for t in range(P, T):
             slot = torch.tensor([t]) if t % 2 else t  # both cache_pos forms
-            steps.append(model(ids[:, t:t + 1], pos[:, t:t + 1], mask[:, :t + 1], cache=cache, cache_pos=slot))
+            steps.append(
+                model(
+                    ids[:, t : t + 1],
+                    pos[:, t : t + 1],
+                    mask[:, : t + 1],
+                    cache=cache,
+                    cache_pos=slot,
+                )
+            )
     stepped = torch.cat(steps, dim=1)
     assert (stepped - full)[mask].abs().max().item() <= TOL
 
@@ -119,7 +162,9 @@ def test_encoder_runs_on_valid_frames_only(lalm_model):
     x = make_inputs("gqa", [([["audio"]], [3.0])])
     model = lalm_model("gqa")
     seen = []
-    hook = model.audio_tower.conv1.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[-1]))
+    hook = model.audio_tower.conv1.register_forward_hook(
+        lambda m, i, o: seen.append(i[0].shape[-1])
+    )
     try:
         with torch.no_grad():
             model(x["ids"], x["pos"], x["mask"], x["mel"], x["frames"])
@@ -136,13 +181,17 @@ def test_with_lalm_front_end(hf_model, lalm_model):
         pytest.skip("lalm.audio.log_mel not there yet")
     conversations = SCENARIOS["batch_of_three"]
     x = make_inputs("gqa", conversations)
-    waves = [waveform(sec, 10 * i + k) for i, (_, secs) in enumerate(conversations) for k, sec in enumerate(secs)]
+    waves = [
+        waveform(sec, 10 * i + k)
+        for i, (_, secs) in enumerate(conversations)
+        for k, sec in enumerate(secs)
+    ]
     mels = [audio.log_mel(w, 128) for w in waves]
     frames = torch.tensor([int(n) for _, n in mels])
     assert torch.equal(frames, x["frames"])
     mel = torch.zeros(len(mels), 128, max(m.shape[-1] for m, _ in mels))
     for i, (m, _) in enumerate(mels):
-        mel[i, :, :m.shape[-1]] = m
+        mel[i, :, : m.shape[-1]] = m
     ref = reference_logits(hf_model("gqa"), x)
     with torch.no_grad():
         out = lalm_model("gqa")(x["ids"], x["pos"], x["mask"], mel, frames)

@@ -19,7 +19,7 @@ from lalm.weights import INDEX_FILE, load_checkpoint, save_checkpoint
 
 def read_all(folder):
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a mapping)
 
 
 def copy_with(src, dst, change):
@@ -57,7 +57,9 @@ def test_misshapen_tensor_is_named(hf_checkpoint, tmp_path):
         t[name] = t[name][:-1].clone()
 
     folder = copy_with(hf_checkpoint("gqa"), tmp_path / "ck", change)
-    with pytest.raises(CheckpointError, match=f"tensor {name} has shape \\[63, 32\\].*needs \\[64, 32\\]"):
+    with pytest.raises(
+        CheckpointError, match=f"tensor {name} has shape \\[63, 32\\].*needs \\[64, 32\\]"
+    ):
         load_checkpoint(folder)
 
 
@@ -103,7 +105,9 @@ def test_sharded_round_trip(lalm_model, tmp_path):
     assert not (tmp_path / "model.safetensors").exists()
     index = json.loads((tmp_path / INDEX_FILE).read_text())
     assert set(index["weight_map"]) == set(model.state_dict())
-    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in model.state_dict().values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * 4 for t in model.state_dict().values()
+    )
     again = load_checkpoint(tmp_path)
     assert again.config == model.config
     a, b = model.state_dict(), again.state_dict()
@@ -134,19 +138,26 @@ def test_tied_embeddings_save_load_and_transformers(tmp_path):
     pytest.importorskip("transformers")
     from hf_reference import load_hf_model, randomize_
 
-    config = ModelConfig.preset("tiny", text={"vocab_size": 300, "tie_word_embeddings": True},
-                                audio_token_index=299)
+    config = ModelConfig.preset(
+        "tiny", text={"vocab_size": 300, "tie_word_embeddings": True}, audio_token_index=299
+    )
     torch.manual_seed(0)
     model = Qwen2AudioForConditionalGeneration(config)
     randomize_(model, 0)
     assert model.language_model.lm_head.weight is model.language_model.model.embed_tokens.weight
     save_checkpoint(model, tmp_path)
     stored = read_all(tmp_path)  # the head is written out (transformers does not re-tie it)
-    assert torch.equal(stored["language_model.lm_head.weight"], stored["language_model.model.embed_tokens.weight"])
+    assert torch.equal(
+        stored["language_model.lm_head.weight"], stored["language_model.model.embed_tokens.weight"]
+    )
     again = load_checkpoint(tmp_path)
     assert again.language_model.lm_head.weight is again.language_model.model.embed_tokens.weight
-    headless = load_checkpoint(copy_with(tmp_path, tmp_path / "headless", lambda t: t.pop("language_model.lm_head.weight")))
-    assert headless.language_model.lm_head.weight is headless.language_model.model.embed_tokens.weight
+    headless = load_checkpoint(
+        copy_with(tmp_path, tmp_path / "headless", lambda t: t.pop("language_model.lm_head.weight"))
+    )
+    assert (
+        headless.language_model.lm_head.weight is headless.language_model.model.embed_tokens.weight
+    )
     ids = torch.tensor([[1, 5, 7, 200, 42]])
     hf = load_hf_model(tmp_path)
     with torch.no_grad():

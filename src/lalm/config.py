@@ -30,7 +30,9 @@ def _check(value: Any, kind: type | tuple, where: str) -> Any:
     if kind is int and isinstance(value, bool):
         raise ConfigError(f"config field {where}: expected int, got {value!r}")
     if not isinstance(value, kind):
-        raise ConfigError(f"config field {where}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+        raise ConfigError(
+            f"config field {where}: expected {getattr(kind, '__name__', kind)}, got {value!r}"
+        )
     return value
 
 
@@ -42,8 +44,13 @@ def _fill(cls, d: dict, where: str, skip: tuple = ()) -> tuple[dict, dict]:
         if key in skip:
             continue
         if key in types and key != "extra":
-            kind = {"int": int, "float": float, "str": str, "bool": bool,
-                    "int | None": (int, type(None))}[types[key]]
+            kind = {
+                "int": int,
+                "float": float,
+                "str": str,
+                "bool": bool,
+                "int | None": (int, type(None)),
+            }[types[key]]
             known[key] = _check(value, kind, f"{where}.{key}")
         else:
             extra[key] = value
@@ -53,7 +60,9 @@ def _fill(cls, d: dict, where: str, skip: tuple = ()) -> tuple[dict, dict]:
 def _positive(obj, names: tuple[str, ...], where: str) -> None:
     for name in names:
         if getattr(obj, name) <= 0:
-            raise ConfigError(f"config field {where}.{name}: must be positive, got {getattr(obj, name)}")
+            raise ConfigError(
+                f"config field {where}.{name}: must be positive, got {getattr(obj, name)}"
+            )
 
 
 @dataclass
@@ -76,14 +85,28 @@ class AudioConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _positive(self, ("num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads",
-                         "encoder_ffn_dim", "max_source_positions"), "audio_config")
+        _positive(
+            self,
+            (
+                "num_mel_bins",
+                "d_model",
+                "encoder_layers",
+                "encoder_attention_heads",
+                "encoder_ffn_dim",
+                "max_source_positions",
+            ),
+            "audio_config",
+        )
         if self.d_model % self.encoder_attention_heads:
-            raise ConfigError(f"config field audio_config.d_model: {self.d_model} is not divisible by "
-                              f"encoder_attention_heads={self.encoder_attention_heads}")
+            raise ConfigError(
+                f"config field audio_config.d_model: {self.d_model} is not divisible by "
+                f"encoder_attention_heads={self.encoder_attention_heads}"
+            )
         if self.activation_function != "gelu":
-            raise ConfigError(f"config field audio_config.activation_function: only 'gelu' is supported, "
-                              f"got {self.activation_function!r}")
+            raise ConfigError(
+                f"config field audio_config.activation_function: only 'gelu' is supported, "
+                f"got {self.activation_function!r}"
+            )
         if self.scale_embedding:
             raise ConfigError("config field audio_config.scale_embedding: true is not supported")
 
@@ -127,19 +150,40 @@ class TextConfig:
     def __post_init__(self) -> None:
         if self.head_dim is None:
             if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads:
-                raise ConfigError(f"config field text_config.hidden_size: {self.hidden_size} is not "
-                                  f"divisible by num_attention_heads={self.num_attention_heads}; set head_dim")
+                raise ConfigError(
+                    f"config field text_config.hidden_size: {self.hidden_size} is not "
+                    f"divisible by num_attention_heads={self.num_attention_heads}; set head_dim"
+                )
             self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
-        _positive(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                         "num_attention_heads", "num_key_value_heads", "head_dim",
-                         "max_position_embeddings", "rope_theta", "rms_norm_eps"), "text_config")
+        _positive(
+            self,
+            (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "max_position_embeddings",
+                "rope_theta",
+                "rms_norm_eps",
+            ),
+            "text_config",
+        )
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"config field text_config.num_key_value_heads: {self.num_key_value_heads} "
-                              f"does not divide num_attention_heads={self.num_attention_heads}")
+            raise ConfigError(
+                f"config field text_config.num_key_value_heads: {self.num_key_value_heads} "
+                f"does not divide num_attention_heads={self.num_attention_heads}"
+            )
         if self.head_dim % 2:
-            raise ConfigError(f"config field text_config.head_dim: RoPE needs an even head_dim, got {self.head_dim}")
+            raise ConfigError(
+                f"config field text_config.head_dim: RoPE needs an even head_dim, got {self.head_dim}"
+            )
         if self.hidden_act != "silu":
-            raise ConfigError(f"config field text_config.hidden_act: only 'silu' is supported, got {self.hidden_act!r}")
+            raise ConfigError(
+                f"config field text_config.hidden_act: only 'silu' is supported, got {self.hidden_act!r}"
+            )
         if self.use_sliding_window:
             raise ConfigError("config field text_config.use_sliding_window: true is not supported")
 
@@ -149,27 +193,39 @@ class TextConfig:
             raise ConfigError(f"config field text_config: expected an object, got {d!r}")
         d = dict(d)
         if d.get("model_type", "qwen2") != "qwen2":
-            raise ConfigError(f"config field text_config.model_type: expected 'qwen2', got {d['model_type']!r}")
+            raise ConfigError(
+                f"config field text_config.model_type: expected 'qwen2', got {d['model_type']!r}"
+            )
         # RoPE: the released file says `rope_theta`; transformers >= 5 writes
         # `rope_parameters: {"rope_type": "default", "rope_theta": ...}`. Only plain RoPE exists here.
         rope = d.pop("rope_parameters", None)
         if rope is not None:
             if not isinstance(rope, dict):
-                raise ConfigError(f"config field text_config.rope_parameters: expected an object, got {rope!r}")
+                raise ConfigError(
+                    f"config field text_config.rope_parameters: expected an object, got {rope!r}"
+                )
             kind = rope.get("rope_type", rope.get("type", "default"))
             if kind != "default":
-                raise ConfigError(f"config field text_config.rope_parameters.rope_type: only 'default' is "
-                                  f"supported, got {kind!r}")
+                raise ConfigError(
+                    f"config field text_config.rope_parameters.rope_type: only 'default' is "
+                    f"supported, got {kind!r}"
+                )
             if "rope_theta" in rope:
                 theta = _check(rope["rope_theta"], float, "text_config.rope_parameters.rope_theta")
                 if "rope_theta" in d and float(d["rope_theta"]) != theta:
-                    raise ConfigError(f"config field text_config.rope_theta: {d['rope_theta']} disagrees with "
-                                      f"rope_parameters.rope_theta={theta}")
+                    raise ConfigError(
+                        f"config field text_config.rope_theta: {d['rope_theta']} disagrees with "
+                        f"rope_parameters.rope_theta={theta}"
+                    )
                 d["rope_theta"] = theta
         scaling = d.pop("rope_scaling", None)
-        if scaling not in (None, {}) and (not isinstance(scaling, dict)
-                                          or scaling.get("rope_type", scaling.get("type")) != "default"):
-            raise ConfigError(f"config field text_config.rope_scaling: not supported, got {scaling!r}")
+        if scaling not in (None, {}) and (
+            not isinstance(scaling, dict)
+            or scaling.get("rope_type", scaling.get("type")) != "default"
+        ):
+            raise ConfigError(
+                f"config field text_config.rope_scaling: not supported, got {scaling!r}"
+            )
         if d.get("head_dim") is None:
             d.pop("head_dim", None)
         if d.get("num_key_value_heads") is None and "num_key_value_heads" in d:
@@ -198,15 +254,19 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.audio_token_index < self.text.vocab_size:
-            raise ConfigError(f"config field audio_token_index: {self.audio_token_index} is outside the "
-                              f"vocabulary (vocab_size={self.text.vocab_size})")
+            raise ConfigError(
+                f"config field audio_token_index: {self.audio_token_index} is outside the "
+                f"vocabulary (vocab_size={self.text.vocab_size})"
+            )
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"config: expected a JSON object, got {type(d).__name__}")
         if d.get("model_type", "qwen2_audio") != "qwen2_audio":
-            raise ConfigError(f"config field model_type: expected 'qwen2_audio', got {d['model_type']!r}")
+            raise ConfigError(
+                f"config field model_type: expected 'qwen2_audio', got {d['model_type']!r}"
+            )
         d = dict(d)
         audio = AudioConfig.from_dict(d.pop("audio_config", None) or {})
         text = TextConfig.from_dict(d.pop("text_config", None) or {})
@@ -215,7 +275,9 @@ class ModelConfig:
             if key == "model_type":
                 continue
             if key in ("audio_token_index", "audio_token_id", "ignore_index"):
-                known["audio_token_index" if key == "audio_token_id" else key] = _check(value, int, key)
+                known["audio_token_index" if key == "audio_token_id" else key] = _check(
+                    value, int, key
+                )
             else:
                 extra[key] = value
         return cls(audio=audio, text=text, **known, extra=extra)
@@ -224,7 +286,9 @@ class ModelConfig:
         return {
             **self.extra,
             "model_type": "qwen2_audio",
-            "architectures": self.extra.get("architectures", ["Qwen2AudioForConditionalGeneration"]),
+            "architectures": self.extra.get(
+                "architectures", ["Qwen2AudioForConditionalGeneration"]
+            ),
             "audio_config": self.audio.to_dict(),
             "text_config": self.text.to_dict(),
             "audio_token_index": self.audio_token_index,
@@ -239,7 +303,9 @@ class ModelConfig:
         try:
             d = json.loads(file.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"{file}: no such file (a checkpoint folder needs a {CONFIG_NAME})") from None
+            raise ConfigError(
+                f"{file}: no such file (a checkpoint folder needs a {CONFIG_NAME})"
+            ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{file}: not valid JSON ({e})") from None
         try:
@@ -265,7 +331,10 @@ class ModelConfig:
             if key in ("audio", "text"):
                 sub = d[f"{key}_config"]
                 if "rope_theta" in value or "rope_parameters" in value:
-                    sub.pop("rope_theta", None), sub.pop("rope_parameters", None)  # one source of truth
+                    (
+                        sub.pop("rope_theta", None),
+                        sub.pop("rope_parameters", None),
+                    )  # one source of truth
                 sub.update(value)
             else:
                 d[key] = value
@@ -274,16 +343,40 @@ class ModelConfig:
     def num_parameters(self) -> int:
         """Parameter count by shape (embed_positions included, tied head counted once)."""
         a, t = self.audio, self.text
-        enc_layer = (4 * a.d_model * a.d_model + 3 * a.d_model  # q,k,v,out (+ q,v,out bias)
-                     + 2 * a.d_model * a.encoder_ffn_dim + a.encoder_ffn_dim + a.d_model + 4 * a.d_model)
-        enc = (a.num_mel_bins * a.d_model * 3 + a.d_model + a.d_model * a.d_model * 3 + a.d_model
-               + a.max_source_positions * a.d_model + a.encoder_layers * enc_layer + 2 * a.d_model)
+        enc_layer = (
+            4 * a.d_model * a.d_model
+            + 3 * a.d_model  # q,k,v,out (+ q,v,out bias)
+            + 2 * a.d_model * a.encoder_ffn_dim
+            + a.encoder_ffn_dim
+            + a.d_model
+            + 4 * a.d_model
+        )
+        enc = (
+            a.num_mel_bins * a.d_model * 3
+            + a.d_model
+            + a.d_model * a.d_model * 3
+            + a.d_model
+            + a.max_source_positions * a.d_model
+            + a.encoder_layers * enc_layer
+            + 2 * a.d_model
+        )
         proj = a.d_model * t.hidden_size + t.hidden_size
         q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
-        dec_layer = (t.hidden_size * (q + 2 * kv) + q + 2 * kv + q * t.hidden_size
-                     + 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size)
+        dec_layer = (
+            t.hidden_size * (q + 2 * kv)
+            + q
+            + 2 * kv
+            + q * t.hidden_size
+            + 3 * t.hidden_size * t.intermediate_size
+            + 2 * t.hidden_size
+        )
         emb = t.vocab_size * t.hidden_size
-        dec = emb + t.num_hidden_layers * dec_layer + t.hidden_size + (0 if t.tie_word_embeddings else emb)
+        dec = (
+            emb
+            + t.num_hidden_layers * dec_layer
+            + t.hidden_size
+            + (0 if t.tie_word_embeddings else emb)
+        )
         return enc + proj + dec
 
 
@@ -292,19 +385,38 @@ PRESETS: dict[str, ModelConfig] = {
     # The released Qwen/Qwen2-Audio-7B(-Instruct) config.json values (spec sections 2 and 3).
     "qwen2-audio-7b": ModelConfig(
         audio=AudioConfig(),
-        text=TextConfig(vocab_size=156032, intermediate_size=11008, max_position_embeddings=8192,
-                        rope_theta=10000.0, rms_norm_eps=1e-5,
-                        extra={"bos_token_id": 151643, "eos_token_id": 151645, "sliding_window": 32768,
-                               "use_mrope": False, "torch_dtype": "bfloat16"}),
+        text=TextConfig(
+            vocab_size=156032,
+            intermediate_size=11008,
+            max_position_embeddings=8192,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-5,
+            extra={
+                "bos_token_id": 151643,
+                "eos_token_id": 151645,
+                "sliding_window": 32768,
+                "use_mrope": False,
+                "torch_dtype": "bfloat16",
+            },
+        ),
         extra={"vocab_size": 156032, "transformers_version": "4.38.1"},
     ),
     # Small random model for tests: real vocabulary size so real token ids (<|AUDIO|> = 151646)
     # fit, everything else tiny. GQA (4 query heads, 2 KV heads). The encoder keeps 1500
     # positions so 30 s windows work.
     "tiny": ModelConfig(
-        audio=AudioConfig(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64),
-        text=TextConfig(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                        extra={"bos_token_id": 151643, "eos_token_id": 151645}),
+        audio=AudioConfig(
+            d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64
+        ),
+        text=TextConfig(
+            vocab_size=151936,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            extra={"bos_token_id": 151643, "eos_token_id": 151645},
+        ),
     ),
 }

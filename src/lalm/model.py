@@ -46,8 +46,10 @@ class EncoderAttention(nn.Module):
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         # x (A, F2, d); key_mask (A, 1, 1, F2) bool, True = attend, or None when nothing is padded
         A, S, d = x.shape
-        q, k, v = (p(x).view(A, S, self.num_heads, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(x).view(A, S, self.num_heads, self.head_dim).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         # SDPA's default scale is head_dim ** -0.5, the reference's q scaling.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (A, heads, F2, hd)
         return self.out_proj(out.transpose(1, 2).reshape(A, S, d))
@@ -89,10 +91,12 @@ class AudioEncoder(nn.Module):
 
         Rows past each window's num_audio_tokens are padding and must be dropped by the caller.
         """
-        A, _, n_frames = mel.shape
+        n_frames = mel.shape[2]
         if n_frames > 2 * self.embed_positions.num_embeddings:
-            raise AudioError(f"mel has {n_frames} frames; the encoder takes at most "
-                             f"{2 * self.embed_positions.num_embeddings} (30 s): split long audio into windows")
+            raise AudioError(
+                f"mel has {n_frames} frames; the encoder takes at most "
+                f"{2 * self.embed_positions.num_embeddings} (30 s): split long audio into windows"
+            )
         x = F.gelu(self.conv1(mel.to(self.conv1.weight.dtype)))
         x = F.gelu(self.conv2(x)).transpose(1, 2)  # (A, F2, d)
         x = x + self.embed_positions.weight[: x.shape[1]]
@@ -103,7 +107,9 @@ class AudioEncoder(nn.Module):
             key_mask = (positions[None, :] < conv_len[:, None])[:, None, None, :]  # (A, 1, 1, F2)
         for layer in self.layers:
             x = layer(x, key_mask)
-        x = F.avg_pool1d(x.transpose(1, 2), kernel_size=2, stride=2).transpose(1, 2)  # (A, F2//2, d)
+        x = F.avg_pool1d(x.transpose(1, 2), kernel_size=2, stride=2).transpose(
+            1, 2
+        )  # (A, F2//2, d)
         return self.layer_norm(x)
 
 
@@ -138,7 +144,9 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype:
     Computed per call rather than cached in a buffer: it is (B, T, D) work, and a model built
     on the meta device then has no buffers to re-initialise.
     """
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim
+    )
     freqs = position_ids.float()[..., None] * inv_freq  # (B, T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -157,16 +165,34 @@ class KVCache:
     first S slots, S being the length of the key mask the caller passes (gpt-fast style).
     """
 
-    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     @classmethod
-    def for_model(cls, model: Qwen2AudioForConditionalGeneration, batch: int, max_len: int) -> KVCache:
+    def for_model(
+        cls, model: Qwen2AudioForConditionalGeneration, batch: int, max_len: int
+    ) -> KVCache:
         t, p = model.config.text, model.language_model.lm_head.weight
-        return cls(t.num_hidden_layers, batch, t.num_key_value_heads, max_len, t.head_dim, p.dtype, p.device)
+        return cls(
+            t.num_hidden_layers,
+            batch,
+            t.num_key_value_heads,
+            max_len,
+            t.head_dim,
+            p.dtype,
+            p.device,
+        )
 
     @property
     def max_len(self) -> int:
@@ -176,17 +202,27 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, c: TextConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim)  # q/k/v have bias,
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+        )
+        self.q_proj = nn.Linear(
+            c.hidden_size, c.num_attention_heads * c.head_dim
+        )  # q/k/v have bias,
         self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim)
         self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim)
-        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)  # o does not
+        self.o_proj = nn.Linear(
+            c.num_attention_heads * c.head_dim, c.hidden_size, bias=False
+        )  # o does not
 
     def forward(self, x, cos, sin, mask, kv: tuple | None, cache_pos, n_keys: int) -> torch.Tensor:
         # x (B, T, hidden); mask (B, 1, T, S) bool or None (then causal over T == S keys)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        k = (
+            self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        )  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
@@ -194,8 +230,14 @@ class Attention(nn.Module):
             k_cache.index_copy_(2, cache_pos, k)
             v_cache.index_copy_(2, cache_pos, v)
             k, v = k_cache[:, :, :n_keys], v_cache[:, :, :n_keys]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -273,13 +315,20 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
     def encode_audio(self, mel: torch.Tensor, mel_frames: torch.Tensor) -> torch.Tensor:
         """mel (A, n_mels, F), mel_frames (A,) -> (sum N_i, hidden): window i's N_i vectors, in order."""
         if mel.dim() != 3 or mel.shape[1] != self.config.audio.num_mel_bins:
-            raise AudioError(f"mel must be (windows, {self.config.audio.num_mel_bins}, frames), "
-                             f"got {tuple(mel.shape)}")
+            raise AudioError(
+                f"mel must be (windows, {self.config.audio.num_mel_bins}, frames), "
+                f"got {tuple(mel.shape)}"
+            )
         mel_frames = mel_frames.to(mel.device)
-        if mel_frames.shape != (mel.shape[0],) or bool((mel_frames < 1).any()) \
-                or bool((mel_frames > mel.shape[2]).any()):
-            raise AudioError(f"mel_frames {mel_frames.tolist()} must give 1..{mel.shape[2]} valid frames "
-                             f"for each of the {mel.shape[0]} mel windows")
+        if (
+            mel_frames.shape != (mel.shape[0],)
+            or bool((mel_frames < 1).any())
+            or bool((mel_frames > mel.shape[2]).any())
+        ):
+            raise AudioError(
+                f"mel_frames {mel_frames.tolist()} must give 1..{mel.shape[2]} valid frames "
+                f"for each of the {mel.shape[0]} mel windows"
+            )
         x = self.audio_tower(mel, mel_frames)  # (A, P, d)
         n_tokens = num_audio_tokens(mel_frames)  # (A,)
         keep = torch.arange(x.shape[1], device=x.device)[None, :] < n_tokens[:, None]  # (A, P)
@@ -291,18 +340,30 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         is_audio = input_ids == self.config.audio_token_index
         if mel is None:
             if bool(is_audio.any()):
-                raise ChatFormatError(f"input has {int(is_audio.sum())} <|AUDIO|> tokens but no audio")
+                raise ChatFormatError(
+                    f"input has {int(is_audio.sum())} <|AUDIO|> tokens but no audio"
+                )
             return x
         feats = self.encode_audio(mel, mel_frames)
         n_tokens = int(is_audio.sum())
         if n_tokens != feats.shape[0]:
-            raise ChatFormatError(f"audio features and <|AUDIO|> tokens do not match: {feats.shape[0]} "
-                                  f"feature vectors from {mel.shape[0]} windows, {n_tokens} tokens")
+            raise ChatFormatError(
+                f"audio features and <|AUDIO|> tokens do not match: {feats.shape[0]} "
+                f"feature vectors from {mel.shape[0]} windows, {n_tokens} tokens"
+            )
         x[is_audio] = feats.to(x.dtype)  # x is a fresh tensor from the embedding: safe in place
         return x
 
-    def hidden_states(self, input_ids, position_ids=None, attention_mask=None, mel=None, mel_frames=None,
-                      cache: KVCache | None = None, cache_pos=None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids,
+        position_ids=None,
+        attention_mask=None,
+        mel=None,
+        mel_frames=None,
+        cache: KVCache | None = None,
+        cache_pos=None,
+    ) -> torch.Tensor:
         """Final-norm hidden states (B, T, hidden). See `forward` for the arguments."""
         B, T = input_ids.shape
         device = input_ids.device
@@ -317,11 +378,16 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         if cache is not None and n_keys > cache.max_len:
             raise ValueError(f"{n_keys} positions do not fit the KV cache ({cache.max_len})")
         if cache is None and n_keys != T:
-            raise ValueError(f"without a cache attention_mask must be (B, T) = {(B, T)}, "
-                             f"got {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"without a cache attention_mask must be (B, T) = {(B, T)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
         if position_ids is None:  # left padding: real tokens count from 0
-            position_ids = ((attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-                            if attention_mask is not None else cache_pos[None].expand(B, T))
+            position_ids = (
+                (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+                if attention_mask is not None
+                else cache_pos[None].expand(B, T)
+            )
         x = self.embed(input_ids, mel, mel_frames)
         c = self.config.text
         cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, x.dtype)
@@ -332,10 +398,17 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
             x = layer(x, cos, sin, mask, kv, cache_pos, n_keys)
         return lm.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, mel: torch.Tensor | None = None,
-                mel_frames: torch.Tensor | None = None, cache: KVCache | None = None,
-                cache_pos: int | torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mel: torch.Tensor | None = None,
+        mel_frames: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        cache_pos: int | torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
         """Logits (B, T, V), or (B, logits_to_keep, V) for the last positions only.
 
         input_ids (B, T) long; position_ids (B, T) long (default: from attention_mask, left padding);
@@ -345,7 +418,9 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         cache + cache_pos (int first slot, or (T,) long slots) to write this call's keys/values.
         Training: call `hidden_states(...)` and apply `language_model.lm_head` to target rows only.
         """
-        h = self.hidden_states(input_ids, position_ids, attention_mask, mel, mel_frames, cache, cache_pos)
+        h = self.hidden_states(
+            input_ids, position_ids, attention_mask, mel, mel_frames, cache, cache_pos
+        )
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.language_model.lm_head(h)

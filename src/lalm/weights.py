@@ -44,7 +44,9 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
         files = {name: path / file for name, file in weight_map.items()}
         for file in sorted(set(files.values())):
             if not file.exists():
-                raise CheckpointError(f"{index}: lists shard {file.name}, which is not in the folder")
+                raise CheckpointError(
+                    f"{index}: lists shard {file.name}, which is not in the folder"
+                )
         return files
     single = path / SINGLE_FILE
     if not single.exists():
@@ -52,7 +54,7 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
         hint = f" (found {', '.join(pickled)}; pickled weights are never loaded)" if pickled else ""
         raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
     with _open(single) as f:
-        return {name: single for name in f.keys()}
+        return dict.fromkeys(f.keys(), single)  # safe_open is not a mapping
 
 
 def _open(file: Path):
@@ -73,7 +75,9 @@ def _stored_shapes(files: dict[str, Path]) -> tuple[dict[str, tuple], torch.dtyp
             present = set(f.keys())
             for name in names:
                 if name not in present:
-                    raise CheckpointError(f"{file}: the index says it holds tensor {name}, but it does not")
+                    raise CheckpointError(
+                        f"{file}: the index says it holds tensor {name}, but it does not"
+                    )
                 sl = f.get_slice(name)
                 shapes[name] = tuple(sl.get_shape())
                 if dtype is None:
@@ -84,7 +88,9 @@ def _stored_shapes(files: dict[str, Path]) -> tuple[dict[str, tuple], torch.dtyp
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def check_tensors(expected: dict[str, tuple], stored: dict[str, tuple], where: Path, optional=()) -> None:
+def check_tensors(
+    expected: dict[str, tuple], stored: dict[str, tuple], where: Path, optional=()
+) -> None:
     """Raise CheckpointError naming the first missing, misshapen or unexpected tensor."""
     for name, shape in expected.items():
         if name not in stored:
@@ -92,16 +98,21 @@ def check_tensors(expected: dict[str, tuple], stored: dict[str, tuple], where: P
                 continue
             raise CheckpointError(f"{where}: missing tensor {name} (expected shape {list(shape)})")
         if tuple(stored[name]) != tuple(shape):
-            raise CheckpointError(f"{where}: tensor {name} has shape {list(stored[name])}, "
-                                  f"the config needs {list(shape)}")
-    for name in stored:
+            raise CheckpointError(
+                f"{where}: tensor {name} has shape {list(stored[name])}, "
+                f"the config needs {list(shape)}"
+            )
+    for name, shape in stored.items():
         if name not in expected:
-            raise CheckpointError(f"{where}: unexpected tensor {name} (shape {list(stored[name])}); "
-                                  f"it is not part of this model")
+            raise CheckpointError(
+                f"{where}: unexpected tensor {name} (shape {list(shape)}); "
+                f"it is not part of this model"
+            )
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None) -> Qwen2AudioForConditionalGeneration:
+def load_checkpoint(
+    path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> Qwen2AudioForConditionalGeneration:
     """Build the model from `path`/config.json and load its safetensors strictly.
 
     dtype: None keeps the stored floating dtype (bf16 for the released checkpoints).
@@ -143,8 +154,12 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
     return model.eval()
 
 
-def save_checkpoint(model: Qwen2AudioForConditionalGeneration, path: str | Path,
-                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: torch.dtype | None = None) -> Path:
+def save_checkpoint(
+    model: Qwen2AudioForConditionalGeneration,
+    path: str | Path,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write config.json and the weights in the released layout (sharded above max_shard_bytes)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -157,7 +172,9 @@ def save_checkpoint(model: Qwen2AudioForConditionalGeneration, path: str | Path,
     shards: list[list[str]] = [[]]
     size = 0
     for name, t in state.items():
-        nbytes = t.numel() * (dtype.itemsize if dtype and t.is_floating_point() else t.element_size())
+        nbytes = t.numel() * (
+            dtype.itemsize if dtype and t.is_floating_point() else t.element_size()
+        )
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -167,7 +184,11 @@ def save_checkpoint(model: Qwen2AudioForConditionalGeneration, path: str | Path,
         old.unlink(missing_ok=True)  # a stale shard from an earlier save would be read as ours
     weight_map, total = {}, 0
     for k, names in enumerate(shards):
-        file = SINGLE_FILE if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        file = (
+            SINGLE_FILE
+            if len(shards) == 1
+            else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        )
         tensors = {}
         for name in names:
             t = state[name].detach()
