@@ -1,0 +1,122 @@
+"""Serve a model over an OpenAI-compatible HTTP API, with a voice-chat web page at `/`.
+
+  lalm serve --model PATH [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+             [--max-batch N] [--max-queue N] [--allowed-local-media-path DIR]
+             [--allow-remote-media] [--max-audio-seconds S] [--max-request-bytes N]
+
+Endpoints: POST /v1/chat/completions (text, input_audio, audio_url parts; stream),
+POST /v1/audio/transcriptions, GET /v1/models, GET /health. Requests share one engine
+that batches them continuously (up to --max-batch rows; --max-queue more wait, the rest
+get HTTP 429). Ctrl-C stops accepting, lets running answers finish (up to
+--shutdown-grace seconds), then exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from lalm.errors import ConfigError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint folder (HF format)")
+    p.add_argument("--fake", action="store_true",
+                   help="serve a deterministic stand-in model instead (web-page work, tests)")
+    p.add_argument("--served-model-name", help="model id clients use (default: folder name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("LALM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $LALM_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=32, help="rows decoded together")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch")
+    p.add_argument("--allowed-local-media-path", type=Path,
+                   help="audio_url may name local files inside this folder (default: none)")
+    p.add_argument("--allow-remote-media", action="store_true",
+                   help="let audio_url fetch http(s) URLs (off by default)")
+    p.add_argument("--max-audio-seconds", type=float, default=600.0)
+    p.add_argument("--max-request-bytes", type=int, default=25 * 1024 * 1024)
+    p.add_argument("--max-tokens", type=int, default=512,
+                   help="completion length when a request does not set max_tokens")
+    p.add_argument("--asr-prompt", default="Transcribe this audio.",
+                   help="instruction used by /v1/audio/transcriptions")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--shutdown-grace", type=float, default=30.0)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lalm.serve.app import ServerConfig, create_app
+    from lalm.serve.engine import Engine
+    from lalm.serve.media import MediaPolicy
+
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise ConfigError("--max-batch must be >= 1 and --max-queue >= 0")
+    allowed = args.allowed_local_media_path
+    if allowed is not None and not allowed.is_dir():
+        raise ConfigError(f"--allowed-local-media-path: {allowed} is not a folder")
+    if args.fake:
+        from lalm.serve.fake import FakeBackend
+
+        backend = FakeBackend(step_delay_s=0.02, model_name=args.served_model_name or "fake")
+    elif args.model:
+        from lalm.serve.backend import LALMBackend
+
+        backend = LALMBackend.load(args.model, dtype=args.dtype, device=args.device,
+                                   max_batch=args.max_batch, name=args.served_model_name)
+    else:
+        raise ConfigError("--model PATH is required (or --fake)")
+    config = ServerConfig(
+        api_key=args.api_key or None,
+        max_request_bytes=args.max_request_bytes,
+        media=MediaPolicy(
+            allowed_local_path=allowed,
+            allow_remote=args.allow_remote_media,
+            max_audio_seconds=args.max_audio_seconds,
+            max_bytes=args.max_request_bytes,
+        ),
+        default_max_tokens=args.max_tokens,
+        asr_prompt=args.asr_prompt,
+        shutdown_grace_s=args.shutdown_grace,
+    )
+    app = create_app(Engine(backend, max_batch=args.max_batch, max_queue=args.max_queue), config)
+    print(f"lalm serve: {backend.model_name} on http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
+                timeout_graceful_shutdown=int(args.shutdown_grace))
+    return 0
+
+
+@contextlib.contextmanager
+def background_server(app, host: str = "127.0.0.1") -> Iterator[str]:
+    """Run `app` under uvicorn in a thread on a free port; yields its base URL.
+
+    For tests and bench/serve.py: the real server stack (HTTP parsing, streaming,
+    disconnects), not an in-process shortcut.
+    """
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
