@@ -1,0 +1,151 @@
+"""Evaluate a model on the paper's benchmarks or lalm's own eval sets, scored as the official scripts score.
+
+  lalm eval --model PATH --data PATH [--task asr|s2tt|ser|vsc|chat|auto] [--benchmark NAME]
+            [--batch-size N] [--limit N] [--output DIR] [--prompt-style base|instruct]
+  lalm eval score --task TASK --predictions FILE.jsonl [--json]
+
+--data is a benchmark folder in its released layout (librispeech, commonvoice, fleurs, aishell2,
+covost2, meld, vocalsound, airbench; detected from its files, or named with --benchmark), an
+official eval jsonl ({"audio","prompt","gt","source"}), a lalm eval manifest, or a folder of
+manifests (e.g. the corpus's DIR/eval: every set there is evaluated, one report for all).
+Predictions go to OUTPUT/predictions.jsonl (restartable: done ids are skipped), the report to
+OUTPUT/report.{md,json,png}. Under torchrun each rank takes a shard; rank 0 merges and scores.
+
+Metrics: asr -> WER (official normaliser chain; characters for zh/yue), s2tt -> corpus BLEU,
+ser/vsc -> exact-match accuracy (official) and lenient accuracy, chat -> AIR-Bench judge score
+(--judge-url, --judge-model; key from $LALM_JUDGE_API_KEY or $OPENAI_API_KEY), every other
+task (lalm's aqa, sound, coarse, voice chat...) -> normalised exact-match accuracy.
+The paper's ASR/S2TT numbers come from the base model: use --prompt-style base for those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from lalm.errors import ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", nargs="?", choices=["run", "score"], default="run",
+                        help="run (generate then score; the default) or score an existing predictions file")
+    parser.add_argument("--model", help="checkpoint folder (or a hub name in the local HF cache)")
+    parser.add_argument("--data", help="benchmark folder, eval jsonl, or a folder of eval manifests")
+    parser.add_argument("--task", default="auto", help="asr, s2tt, ser, vsc, chat, a lalm task name, or auto")
+    parser.add_argument("--benchmark", help="layout of --data when detection is not wanted")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--limit", type=int, help="at most N items per source")
+    parser.add_argument("--output", default="lalm-eval", help="folder for predictions and the report")
+    parser.add_argument("--prompt-style", choices=["base", "instruct"], default="instruct",
+                        help="base: the official raw prompts (base model); instruct: a chat turn")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--dtype", help="float32, bf16, fp16 (default: as stored)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK when available)")
+    parser.add_argument("--predictions", help="score: the predictions jsonl")
+    parser.add_argument("--json", action="store_true", help="score: print the scores as JSON")
+    parser.add_argument("--judge-url", help="OpenAI-compatible base URL for the chat judge")
+    parser.add_argument("--judge-model", default="gpt-4-0125-preview")
+    parser.add_argument("--judge-temperature", type=float, default=1.0)
+    parser.add_argument("--judge-workers", type=int, default=4)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _judge(args):
+    if not args.judge_url:
+        return None
+    from lalm.eval.judge import Judge, JudgeConfig
+
+    return Judge(JudgeConfig(url=args.judge_url, model=args.judge_model, temperature=args.judge_temperature,
+                             workers=args.judge_workers))
+
+
+def _clean(x):
+    """NaN -> None, so the JSON printed is valid JSON."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clean(v) for v in x]
+    return x
+
+
+def summary_json(task: str, results: dict[str, dict]) -> dict:
+    if len(results) == 1:
+        (name, res), = results.items()
+        return _clean({"task": name, "metrics": res["metrics"], "by_source": res["by_source"]})
+    return _clean({
+        "task": task,
+        "metrics": {f"{t}/{k}": v for t, r in results.items() for k, v in r["metrics"].items()},
+        "by_source": {s: v for r in results.values() for s, v in r["by_source"].items()},
+        "tasks": results,
+    })
+
+
+def _print_table(results: dict[str, dict]) -> None:
+    from lalm.eval.report import markdown
+
+    print(markdown(results))
+
+
+def _score(args) -> int:
+    from lalm.eval.runner import read_predictions, score_records
+
+    if not args.predictions:
+        raise ConfigError("lalm eval score needs --predictions FILE.jsonl")
+    path = Path(args.predictions)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such predictions file")
+    records = read_predictions(path)
+    if not records:
+        raise ConfigError(f"{path}: no predictions")
+    results = score_records(records, args.task, judge=_judge(args))
+    if args.json:
+        print(json.dumps(summary_json(args.task, results), ensure_ascii=False))
+    else:
+        _print_table(results)
+    return 0
+
+
+def _device(arg: str | None) -> str | None:
+    if arg:
+        return arg
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return None
+
+
+def _run(args) -> int:
+    import lalm
+    from lalm.eval import adapters, report
+    from lalm.eval.runner import RunConfig, generate_predictions, score_records
+
+    if not args.model or not args.data:
+        raise ConfigError("lalm eval needs --model PATH and --data PATH (or: lalm eval score --predictions FILE)")
+    if args.batch_size < 1:
+        raise ConfigError("--batch-size must be at least 1")
+    items = adapters.load(args.data, benchmark=args.benchmark, task=args.task, limit=args.limit)
+    lm = lalm.load(args.model, dtype=args.dtype, device=_device(args.device))
+    out = Path(args.output)
+    cfg = RunConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                    prompt_style=args.prompt_style, progress=not args.no_progress)
+    records = generate_predictions(lm, items, out / "predictions.jsonl", cfg)
+    if records is None:  # not rank 0
+        return 0
+    results = score_records(records, args.task, judge=_judge(args))
+    info = {"model": str(args.model), "data": str(args.data), "prompt_style": args.prompt_style,
+            "batch_size": args.batch_size, "items": len(items)}
+    paths = report.write(_clean(results), out, title=f"lalm eval: {Path(str(args.model)).name}", info=info)
+    _print_table(results)
+    print(f"report: {paths['markdown']}  {paths['json']}  {paths['png']}", file=sys.stderr)
+    return 0
+
+
+def run(args) -> int:
+    return _score(args) if args.action == "score" else _run(args)
