@@ -227,16 +227,30 @@ def test_bad_mel_raises(lalm_model):
         model.encode_audio(torch.zeros(1, 128, 100), torch.tensor([101]))
 
 
+def gradients(model, x, checkpointing: bool):
+    model.zero_grad(set_to_none=True)
+    model.gradient_checkpointing = model.audio_tower.gradient_checkpointing = checkpointing
+    model.train()
+    try:
+        hidden = model.hidden_states(x["ids"], x["pos"], x["mask"], x["mel"], x["frames"])
+        targets = x["ids"][:, 1:][x["mask"][:, :-1]]
+        logits = model.language_model.lm_head(hidden[:, :-1][x["mask"][:, :-1]])
+        torch.nn.functional.cross_entropy(logits, targets).backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    finally:
+        model.gradient_checkpointing = model.audio_tower.gradient_checkpointing = False
+        model.eval()
+        model.zero_grad(set_to_none=True)
+
+
 def test_training_gradients_are_finite_with_padding(lalm_model):
     x = make_inputs("gqa", SCENARIOS["batch_of_three"])
     model = lalm_model("gqa")
-    model.zero_grad()
-    hidden = model.hidden_states(x["ids"], x["pos"], x["mask"], x["mel"], x["frames"])
-    targets = x["ids"][:, 1:][x["mask"][:, :-1]]
-    logits = model.language_model.lm_head(hidden[:, :-1][x["mask"][:, :-1]])
-    torch.nn.functional.cross_entropy(logits, targets).backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    grads = gradients(model, x, checkpointing=False)
     assert "audio_tower.embed_positions.weight" not in grads  # frozen, as in the reference
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
     assert grads["audio_tower.conv1.weight"].abs().sum() > 0  # the loss reaches the encoder
-    model.zero_grad(set_to_none=True)
+    recomputed = gradients(model, x, checkpointing=True)
+    assert recomputed.keys() == grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(recomputed[name], g, rtol=1e-5, atol=1e-6, msg=name)

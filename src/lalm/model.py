@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from lalm.config import AudioConfig, ModelConfig, TextConfig
@@ -29,6 +30,13 @@ def num_audio_tokens(mel_frames: torch.Tensor) -> torch.Tensor:
     """Audio tokens per window from its valid mel frames L_mel (spec section 2)."""
     conv_len = (mel_frames - 1) // 2 + 1  # Lc: after conv2 (stride 2)
     return (conv_len - 2) // 2 + 1  # after AvgPool1d(2, 2); == Lc // 2
+
+
+def checkpointed(layer: nn.Module, enabled: bool):
+    """`layer` itself, or a wrapper that recomputes its activations in backward when training."""
+    if not (enabled and layer.training and torch.is_grad_enabled()):
+        return layer
+    return lambda *args: torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
 
 
 # ---------------------------------------------------------------- audio encoder
@@ -85,6 +93,7 @@ class AudioEncoder(nn.Module):
         self.embed_positions.requires_grad_(False)
         self.layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.encoder_layers))
         self.layer_norm = nn.LayerNorm(c.d_model)
+        self.gradient_checkpointing = False
 
     def forward(self, mel: torch.Tensor, mel_frames: torch.Tensor) -> torch.Tensor:
         """mel (A, n_mels, F) right-padded, mel_frames (A,) valid frames -> (A, F2 // 2, d).
@@ -106,7 +115,7 @@ class AudioEncoder(nn.Module):
         if bool((conv_len < x.shape[1]).any()):
             key_mask = (positions[None, :] < conv_len[:, None])[:, None, None, :]  # (A, 1, 1, F2)
         for layer in self.layers:
-            x = layer(x, key_mask)
+            x = checkpointed(layer, self.gradient_checkpointing)(x, key_mask)
         x = F.avg_pool1d(x.transpose(1, 2), kernel_size=2, stride=2).transpose(
             1, 2
         )  # (A, F2//2, d)
@@ -230,14 +239,18 @@ class Attention(nn.Module):
             k_cache.index_copy_(2, cache_pos, k)
             v_cache.index_copy_(2, cache_pos, v)
             k, v = k_cache[:, :, :n_keys], v_cache[:, :, :n_keys]
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1 and mask is not None:
+            # Fused GQA kernels take no arbitrary mask; expand K/V as transformers' repeat_kv does.
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=mask,
             is_causal=mask is None and T > 1,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
+            enable_gqa=k.shape[1] != q.shape[1],
+        )  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -311,6 +324,9 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         self.audio_tower = AudioEncoder(config.audio)
         self.multi_modal_projector = MultiModalProjector(config)
         self.language_model = Qwen2ForCausalLM(config.text)
+        # Training memory: recompute each decoder layer's activations in the backward pass.
+        # (`audio_tower.gradient_checkpointing` does the same for the encoder.)
+        self.gradient_checkpointing = False
 
     def encode_audio(self, mel: torch.Tensor, mel_frames: torch.Tensor) -> torch.Tensor:
         """mel (A, n_mels, F), mel_frames (A,) -> (sum N_i, hidden): window i's N_i vectors, in order."""
@@ -395,7 +411,8 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         lm = self.language_model.model
         for i, layer in enumerate(lm.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x = layer(x, cos, sin, mask, kv, cache_pos, n_keys)
+            run = checkpointed(layer, self.gradient_checkpointing and cache is None)
+            x = run(x, cos, sin, mask, kv, cache_pos, n_keys)
         return lm.norm(x)
 
     def forward(
