@@ -1,0 +1,166 @@
+"""`build(out, size, seed, workers)`: plan, refuse held-out sources, render in parallel, write.
+
+Layout of `out`: pretrain/{train,dev}.jsonl, sft/{train,dev}.jsonl, dpo/{train,dev}.jsonl,
+eval/<name>.jsonl, audio/..., README.md (counts per task and source, timings).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from lalm.data import sentences, tasks
+from lalm.data.evalsets import ALSA_SOUNDS, POCKETSPHINX, EvalPlanner, is_held_out
+from lalm.data.manifest import audio_paths, write_jsonl
+from lalm.data.render import render_to_file
+from lalm.errors import LalmError
+
+STAGES = ("pretrain", "sft", "dpo")
+_HELD_OUT_PATHS = (str(POCKETSPHINX), str(ALSA_SOUNDS))
+
+
+class HeldOutSourceError(LalmError):
+    """A held-out source (Piper joe, pocketsphinx-testdata, alsa-utils, held-out sonic-pi
+    files) was about to enter a training manifest."""
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    counts: dict[str, int]  # "pretrain/train" -> lines
+    n_clips: int
+    audio_seconds: float
+    voices: int
+    seconds: float
+
+
+def _recipe_held_out(r: dict) -> str | None:
+    """Why a recipe (or any recipe nested in it) uses a held-out source, else None."""
+    if r.get("engine") == "piper":
+        return "the Piper joe voice"
+    path = str(r.get("path", ""))
+    if path.startswith(_HELD_OUT_PATHS):
+        return path
+    if r.get("kind") == "sample" and is_held_out(f"sonic-pi:{Path(path).name}"):
+        return path
+    for sub in [r.get("fg"), r.get("bg"), *r.get("parts", [])]:
+        if isinstance(sub, dict) and (why := _recipe_held_out(sub)):
+            return why
+    return None
+
+
+def check_training(clips: list[tasks.Clip], manifests: dict[str, list[dict]]) -> None:
+    """Raise HeldOutSourceError if any training clip or manifest line touches a held-out source."""
+    for c in clips:
+        why = _recipe_held_out(c.recipe) or (c.source if is_held_out(c.source) else None)
+        if why:
+            raise HeldOutSourceError(f"training clip {c.id} uses held-out source {why}")
+    for key, recs in manifests.items():
+        for i, rec in enumerate(recs):
+            if is_held_out(rec["source"]) or any("/eval/" in p for p in audio_paths(rec)):
+                raise HeldOutSourceError(f"{key} line {i + 1}: held-out source {rec['source']}")
+
+
+def _finish(recs: list[dict], prefix: str, durations: dict[str, float]) -> list[dict]:
+    """Give ids, put keys in a fixed order and record each audio's duration."""
+    out = []
+    for i, r in enumerate(recs):
+        rec = {"id": f"{prefix}-{i:06d}", "source": r["source"], "task": r["task"],
+               "messages": r["messages"]}
+        for k in ("chosen", "rejected", "reference", "lang"):
+            if k in r:
+                rec[k] = r[k]
+        rec["durations"] = {p: durations[p] for p in dict.fromkeys(audio_paths(r))}
+        if "meta" in r:
+            rec["meta"] = r["meta"]
+        out.append(rec)
+    return out
+
+
+def _render_all(jobs: list[tuple[str, dict]], workers: int, progress: bool) -> dict[str, int]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(jobs), desc="rendering audio", unit="clip", disable=not progress,
+               smoothing=0.05)
+    out: dict[str, int] = {}
+    if workers <= 1:
+        it = map(render_to_file, jobs)
+        pool = None
+    else:
+        pool = mp.get_context("fork").Pool(workers)
+        it = pool.imap_unordered(render_to_file, jobs, chunksize=8)
+    try:
+        for path, n in it:
+            out[path] = n
+            bar.update()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return out
+
+
+def build(out: str | Path, size: str = "small", seed: int = 0, workers: int = 2,
+          progress: bool = True) -> BuildResult:
+    if size not in tasks.SIZES:
+        raise LalmError(f"--size must be one of {sorted(tasks.SIZES)}, got {size!r}")
+    t0 = time.time()
+    out = Path(out)
+    ev = EvalPlanner(tasks.SIZES[size]["eval_asr"], tasks.SIZES[size]["eval_chat"], seed)
+    ev.plan(sentences.wordfreq_vocab())
+    p = tasks.plan(size, seed, ev.reserved)
+    check_training(p.clips, p.out)  # before a single file is written
+
+    jobs = [(str(out / c.path), c.recipe) for c in ev.clips + p.clips]
+    samples = _render_all(jobs, workers, progress)
+    durations = {c.path: round(samples[str(out / c.path)] / 16000, 4) for c in ev.clips + p.clips}
+
+    counts: dict[str, int] = {}
+    finished: dict[str, list[dict]] = {}
+    for stage in STAGES:
+        for split in ("train", "dev"):
+            key = f"{stage}/{split}"
+            finished[key] = _finish(p.out.get(key, []), f"{stage}-{split}", durations)
+    for name, recs in sorted(ev.out.items()):
+        finished[f"eval/{name}"] = _finish(recs, f"eval-{name}", durations)
+    for key, recs in finished.items():
+        write_jsonl(out / f"{key}.jsonl", recs)
+        counts[key] = len(recs)
+    result = BuildResult(out, counts, len(jobs), sum(durations.values()),
+                         len({v for v in p.voices_used}), time.time() - t0)
+    write_readme(out / "README.md", finished, result, size, seed, workers)
+    return result
+
+
+def write_readme(path: Path, manifests: dict[str, list[dict]], res: BuildResult, size: str,
+                 seed: int, workers: int) -> None:
+    by_task: Counter = Counter()
+    by_source: Counter = Counter()
+    for key, recs in manifests.items():
+        for r in recs:
+            by_task[(r["task"], key)] += 1
+            for part in r["source"].split(" + "):
+                engine, _, name = part.partition(":")
+                by_source[(engine if engine != "synth" else f"synth:{name.split('-')[0]}", key)] += 1
+    keys = list(manifests)
+    train = sum(res.counts[k] for k in res.counts if k.endswith("/train"))
+    lines = [f"# lalm corpus (`lalm data build --size {size} --seed {seed} --workers {workers}`)", "",
+             f"- training examples (pretrain + sft + dpo train): {train}",
+             f"- audio clips: {res.n_clips}, {res.audio_seconds / 3600:.2f} hours, 16 kHz mono PCM_16",
+             f"- distinct training voices: {res.voices}",
+             f"- build time: {res.seconds:.0f} s with {workers} worker(s)", "",
+             "Evaluation sets under eval/ come only from held-out sources (Piper joe, "
+             "pocketsphinx-testdata, alsa-utils, held-out sonic-pi files); the builder refuses them "
+             "in training.", "", "## Lines per task", "",
+             "| task | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for task in sorted({t for t, _ in by_task}):
+        lines.append(f"| {task} | " + " | ".join(str(by_task[(task, k)]) for k in keys) + " |")
+    lines += ["", "## Lines per source (engine or package; a mixture counts for each part)", "",
+              "| source | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for src in sorted({s for s, _ in by_source}):
+        lines.append(f"| {src} | " + " | ".join(str(by_source[(src, k)]) for k in keys) + " |")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -1,0 +1,285 @@
+"""Manifests: the JSONL files every training and evaluation command reads.
+
+One example a line, UTF-8. Audio paths are relative to the manifest file (absolute paths
+are accepted too). `read_manifest` resolves them to absolute paths, so callers can hand
+`record["messages"]` straight to `chat.validate` / `processor.prepare`.
+
+Pre-training and SFT lines::
+
+    {"id": "asr-000123", "source": "espeak-ng:en-gb-scotland+m3", "task": "asr",
+     "messages": [
+        {"role": "user", "content": [{"type": "audio", "audio": "audio/asr/000123.wav"},
+                                     {"type": "text", "text": "Transcribe this audio."}]},
+        {"role": "assistant", "content": "the cat sat on the mat"}],
+     "durations": {"audio/asr/000123.wav": 1.84},
+     "meta": {"voice": "en-gb-scotland+m3", "rate": 160, "pitch": 50}}
+
+- `messages`: the chat format of docs/design.md (roles system/user/assistant; content a
+  string or a list of parts `{"type": "text", "text"}` / `{"type": "audio", "audio"}`).
+  Voice chat is a user turn that holds only audio. Several audios may share a turn.
+- `source`: where the audio came from, `engine:voice` (espeak-ng, flite, piper), or
+  `package:file` (sonic-pi, pocketsphinx-testdata, alsa-utils), or `synth:<kind>`.
+  Several sources are joined with `+`. Held-out sources never appear in training files.
+- `task`: asr, lid, s2tt, speaker, sound, music, mixed, turns, coarse, voice_chat, multi_audio.
+- `durations` (optional): seconds of each audio file, keyed by the path as written.
+- `meta` (optional): free-form labels (voice, rate, pitch, snr_db, ...), never read by training.
+
+Preference (DPO) lines: `messages` holds the prompt turns only (ending with a user turn),
+plus `"chosen": "..."` (the correct answer) and `"rejected": "..."` (a wrong or hedging one).
+
+Evaluation lines (`DIR/eval/<name>.jsonl`): `messages` holds the prompt turns only, plus
+`"reference"`: the exact expected answer, and `"lang"` (e.g. "en") where the task has one.
+Scorers normalise both sides (ASR: WER; voice chat / coarse / sound: exact match).
+
+Also read, per line, so users can bring data they already have:
+- ms-swift / LLaMA-Factory: `messages` (role/content) or `conversations` (from/value) or
+  `query`/`response`/`history`, with `<audio>` placeholders in the text and `"audios": [...]`
+  (or `"audio"`); `"rejected_response"` (ms-swift) or `"chosen"`/`"rejected"` messages
+  (LLaMA-Factory) make a DPO record.
+- A LibriSpeech-layout folder (`speaker/chapter/*.flac` + `speaker-chapter.trans.txt`):
+  `read_librispeech(dir)`, or `read_manifest(dir)`.
+
+A malformed line is reported with its line number and skipped (a counted warning); a line
+whose audio file is missing is skipped the same way. The rest loads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+from lalm.errors import ChatFormatError, LalmError
+
+ROLES = ("system", "user", "assistant")
+AUDIO_TAG = "<audio>"
+# Both spellings of the placeholder appear in the wild (ms-swift writes <audio>).
+_AUDIO_TAG_RE = re.compile(r"<audio>|<\|AUDIO\|>")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant",
+                   "assistant": "assistant", "system": "system", "observation": "user"}
+
+
+class Manifest(list):
+    """The records of one manifest, plus what was skipped and why.
+
+    `problems` holds `(line_number, message)` for every skipped line (1-based).
+    """
+
+    def __init__(self, records=(), problems=(), path: str = ""):
+        super().__init__(records)
+        self.problems: list[tuple[int, str]] = list(problems)
+        self.path = path
+
+
+def audio_paths(record: dict) -> list[str]:
+    """Every audio path of a record, in order of appearance."""
+    out = []
+    for m in record.get("messages", []):
+        content = m.get("content")
+        if isinstance(content, list):
+            out += [p["audio"] for p in content if isinstance(p, dict) and p.get("type") == "audio"]
+    return out
+
+
+def _check_messages(messages: Any, where: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ChatFormatError(f"{where}: 'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ChatFormatError(f"{where}: message {i} needs a role in {ROLES}")
+        content = m.get("content")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list) or not content:
+            raise ChatFormatError(f"{where}: message {i} content must be a string or a list of parts")
+        for j, p in enumerate(content):
+            kind = p.get("type") if isinstance(p, dict) else None
+            if kind == "text" and isinstance(p.get("text"), str):
+                continue
+            if kind == "audio" and isinstance(p.get("audio"), str) and p["audio"]:
+                continue
+            raise ChatFormatError(f"{where}: message {i} part {j} must be a text or audio part")
+
+
+def _split_audio_tags(text: str, audios: list[str], where: str) -> list[dict] | str:
+    """'<audio>What is this?' + ['a.wav'] -> [audio part, text part]; consumes `audios`."""
+    pieces = _AUDIO_TAG_RE.split(text)
+    if len(pieces) == 1:
+        return text
+    parts: list[dict] = []
+    for k, piece in enumerate(pieces):
+        if k > 0:
+            if not audios:
+                raise ChatFormatError(f"{where}: more <audio> tags than entries in 'audios'")
+            parts.append({"type": "audio", "audio": audios.pop(0)})
+        if piece.strip():
+            parts.append({"type": "text", "text": piece.strip("\n")})
+    return parts
+
+
+def _from_swift(obj: dict, where: str) -> dict:
+    """Convert one ms-swift / LLaMA-Factory line to our record (see module docstring)."""
+    audios = obj.get("audios", obj.get("audio", []))
+    audios = [audios] if isinstance(audios, str) else list(audios)
+    if "conversations" in obj:  # ShareGPT (LLaMA-Factory)
+        turns = []
+        for m in obj["conversations"]:
+            role = _SHAREGPT_ROLES.get(m.get("from", m.get("role")))
+            if role is None:
+                raise ChatFormatError(f"{where}: unknown speaker {m.get('from')!r}")
+            turns.append({"role": role, "content": m.get("value", m.get("content", ""))})
+        if obj.get("system"):
+            turns.insert(0, {"role": "system", "content": obj["system"]})
+    elif "messages" in obj:
+        turns = [dict(m) for m in obj["messages"]]
+    elif "query" in obj:  # old ms-swift: query/response/history
+        turns = [{"role": "system", "content": obj["system"]}] if obj.get("system") else []
+        for q, r in obj.get("history", []):
+            turns += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
+        turns.append({"role": "user", "content": obj["query"]})
+        if "response" in obj:
+            turns.append({"role": "assistant", "content": obj["response"]})
+    else:
+        raise ChatFormatError(f"{where}: no 'messages', 'conversations' or 'query'")
+    for m in turns:
+        if isinstance(m.get("content"), str):
+            m["content"] = _split_audio_tags(m["content"], audios, where)
+    if audios:
+        raise ChatFormatError(f"{where}: {len(audios)} entries in 'audios' have no <audio> tag")
+    rec = {k: obj[k] for k in ("id", "source", "task") if k in obj}
+    chosen, rejected = obj.get("chosen"), obj.get("rejected", obj.get("rejected_response"))
+    if rejected is not None:
+        if chosen is None:  # ms-swift: the last assistant turn is the chosen answer
+            if turns[-1]["role"] != "assistant":
+                raise ChatFormatError(f"{where}: 'rejected_response' without an assistant answer")
+            chosen = turns.pop()["content"]
+        rec["chosen"] = chosen["value"] if isinstance(chosen, dict) else chosen
+        rec["rejected"] = rejected["value"] if isinstance(rejected, dict) else rejected
+    rec["messages"] = turns
+    return rec
+
+
+def _is_ours(obj: dict) -> bool:
+    if "messages" not in obj or "audios" in obj or "audio" in obj:
+        return False
+    return not any(isinstance(m, dict) and isinstance(m.get("content"), str)
+                   and _AUDIO_TAG_RE.search(m["content"]) for m in obj["messages"])
+
+
+def parse_line(line: str, where: str) -> dict:
+    """One JSONL line (ours or ms-swift style) -> our record. Raises LalmError naming `where`."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ChatFormatError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ChatFormatError(f"{where}: a line must be a JSON object")
+    rec = obj if _is_ours(obj) else _from_swift(obj, where)
+    _check_messages(rec["messages"], where)
+    for key in ("chosen", "rejected", "reference"):
+        if key in rec and not isinstance(rec[key], str):
+            raise ChatFormatError(f"{where}: '{key}' must be a string")
+    if ("chosen" in rec) != ("rejected" in rec):
+        raise ChatFormatError(f"{where}: 'chosen' and 'rejected' go together")
+    return rec
+
+
+def _resolve(rec: dict, base: Path) -> list[str]:
+    """Make audio paths absolute (in place); return the ones that do not exist."""
+    missing = []
+    durations = rec.get("durations")
+    for m in rec["messages"]:
+        if not isinstance(m["content"], list):
+            continue
+        for p in m["content"]:
+            if p["type"] != "audio":
+                continue
+            rel = p["audio"]
+            path = Path(rel) if Path(rel).is_absolute() else base / rel
+            p["audio"] = str(path)
+            if isinstance(durations, dict) and rel in durations:
+                durations[str(path)] = durations.pop(rel)
+            if not path.is_file():
+                missing.append(rel)
+    return missing
+
+
+def read_manifest(path: str | Path, *, resolve_audio: bool = True, check_audio: bool = True,
+                  warn: bool = True) -> Manifest:
+    """Read a JSONL manifest (ours or ms-swift style) or a LibriSpeech folder.
+
+    Malformed lines and lines whose audio is missing are skipped and recorded in
+    `Manifest.problems` as `(line_number, message)`; one warning sums them up.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return read_librispeech(path)
+    if not path.is_file():
+        raise LalmError(f"{path}: manifest not found")
+    base = path.parent
+    out = Manifest(path=str(path))
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                rec = parse_line(line, where)
+            except LalmError as e:
+                out.problems.append((n, str(e)))
+                continue
+            if resolve_audio:
+                missing = _resolve(rec, base)
+                if missing and check_audio:
+                    out.problems.append((n, f"{where}: audio file not found: {missing[0]}"))
+                    continue
+            out.append(rec)
+    if out.problems and warn:
+        first = out.problems[0][1]
+        warnings.warn(f"{path}: skipped {len(out.problems)} line(s); first: {first}", stacklevel=2)
+    return out
+
+
+def read_librispeech(folder: str | Path, prompt: str = "Transcribe this audio.") -> Manifest:
+    """A LibriSpeech-layout folder -> ASR records (transcripts lower-cased, as in our corpus).
+
+    Layout: `<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac` with one
+    `<speaker>-<chapter>.trans.txt` per chapter holding `<utt-id> TRANSCRIPT` lines.
+    """
+    folder = Path(folder)
+    out = Manifest(path=str(folder))
+    trans_files = sorted(folder.rglob("*.trans.txt"))
+    if not trans_files:
+        raise LalmError(f"{folder}: no *.trans.txt files (LibriSpeech layout expected)")
+    for tf in trans_files:
+        for n, line in enumerate(tf.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            utt, _, text = line.strip().partition(" ")
+            audio = next((tf.parent / f"{utt}{ext}" for ext in (".flac", ".wav")
+                          if (tf.parent / f"{utt}{ext}").is_file()), None)
+            if not text or audio is None:
+                why = "no transcript" if not text else f"audio file not found: {utt}.flac"
+                out.problems.append((n, f"{tf}:{n}: {why}"))
+                continue
+            out.append({
+                "id": utt, "source": f"librispeech:{utt}", "task": "asr",
+                "messages": [
+                    {"role": "user", "content": [{"type": "audio", "audio": str(audio)},
+                                                 {"type": "text", "text": prompt}]},
+                    {"role": "assistant", "content": text.lower()}],
+            })
+    if out.problems:
+        warnings.warn(f"{folder}: skipped {len(out.problems)} utterance(s); "
+                      f"first: {out.problems[0][1]}", stacklevel=2)
+    return out
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> None:
+    """Write records one a line, keys in insertion order, so equal input gives equal bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False, separators=(", ", ": ")) + "\n" for r in records)
