@@ -1,0 +1,126 @@
+"""The AIR-Bench judge round trip against a stub OpenAI-compatible server started here.
+
+Run: .venv/bin/pytest -q tests/test_eval_judge.py
+"""
+
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from lalm.eval.judge import Judge, JudgeConfig, judge_prompt, parse_scores, score_chat
+
+
+class StubJudge:
+    """Scores each answer by a fixed table; scripted malformed replies per question."""
+
+    QUALITY = {"REF-GOOD": 9, "REF-OK": 7, "PRED-GREAT": 8, "PRED-BAD": 2, "PRED-MID": 5}
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.malformed_left = {"flaky question": 1}  # one malformed reply, then good ones
+        self.lock = threading.Lock()
+
+    def reply(self, body: dict) -> str:
+        content = body["messages"][0]["content"]
+        a1 = re.search(r"Assistant 1s Answer\]\n(.*?)\n\[The End", content, re.S).group(1)
+        a2 = re.search(r"Assistant 2s Answer\]\n(.*?)\n\[The End", content, re.S).group(1)
+        question = re.search(r"\[Question\]\n(.*?)\n\[The Start", content, re.S).group(1)
+        with self.lock:
+            self.requests.append({"a1": a1, "a2": a2, "question": question, "model": body["model"],
+                                  "temperature": body["temperature"], "max_tokens": body["max_tokens"]})
+            if question == "hopeless question":
+                return "Both answers are fine, I would say 7 out of 10."
+            if self.malformed_left.get(question, 0) > 0:
+                self.malformed_left[question] -= 1
+                return "Assistant 1: 9, Assistant 2: 8"
+        return f"{self.QUALITY[a1]} {self.QUALITY[a2]}"
+
+
+@pytest.fixture
+def stub_server():
+    stub = StubJudge()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server API)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            assert self.path == "/v1/chat/completions"
+            assert self.headers["Authorization"] == "Bearer test-key"
+            payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": stub.reply(body)},
+                                               "finish_reason": "stop"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", stub
+    server.shutdown()
+    server.server_close()
+
+
+def test_parse_scores_as_air_bench():
+    assert parse_scores("7 8") == (7, 8)
+    assert parse_scores(" 10 3\n") == (10, 3)
+    assert parse_scores("7 8\n") == (7, 8)
+    assert parse_scores("7, 8") is None
+    assert parse_scores("7  8") is None  # two spaces: three fields, as cal_score.py splits
+    assert parse_scores("11 3") is None
+    assert parse_scores("7.5 8") is None
+
+
+def test_prompt_places_reference_first():
+    p = judge_prompt("a dog barks", "What animal?", "A dog.", "A cat.")
+    assert p.index("[Detailed Audio Description]\na dog barks\n") < p.index("[Question]\nWhat animal?\n")
+    assert "[The Start of Assistant 1s Answer]\nA dog.\n" in p and "[The Start of Assistant 2s Answer]\nA cat.\n" in p
+    assert p.endswith("The two scores are separated by a space.")
+
+
+def test_round_trip_swaps_positions_and_averages(stub_server, monkeypatch):
+    url, stub = stub_server
+    monkeypatch.setenv("LALM_JUDGE_API_KEY", "test-key")
+    judge = Judge(JudgeConfig(url=url, model="judge-x", temperature=1.0, retry_sleep_s=0.0, workers=2))
+    records = [
+        {"id": "1", "source": "speech_QA", "question": "q1", "meta_info": "m", "reference": "REF-GOOD",
+         "prediction": "PRED-GREAT"},
+        {"id": "2", "source": "sound_QA", "question": "q2", "meta_info": "m", "reference": "REF-OK",
+         "prediction": "PRED-BAD"},
+        {"id": "3", "source": "speech_and_music_QA", "question": "flaky question", "meta_info": "m",
+         "reference": "REF-OK", "prediction": "PRED-MID"},
+        {"id": "4", "source": "speech_and_sound_QA", "question": "hopeless question", "meta_info": "m",
+         "reference": "REF-OK", "prediction": "PRED-MID"},
+    ]
+    res = score_chat(records, judge)
+    # Every record was asked both ways round: reference first, then the model's answer first.
+    for r in records[:3]:
+        asked = [(q["a1"], q["a2"]) for q in stub.requests if q["question"] == r["question"]]
+        assert (r["reference"], r["prediction"]) in asked and (r["prediction"], r["reference"]) in asked
+    assert {q["model"] for q in stub.requests} == {"judge-x"}
+    assert {q["max_tokens"] for q in stub.requests} == {1024}
+    # The flaky question got one malformed reply, was retried, and then scored.
+    assert records[2]["judge"] == {"model": [5, 5], "reference": [7, 7], "failures": 0}
+    # The hopeless one was retried (1 + 3 tries per order), counted as failures, and never crashed the run.
+    assert sum(q["question"] == "hopeless question" for q in stub.requests) == 8
+    assert records[3]["judge"] == {"model": [], "reference": [], "failures": 2}
+    by = res["by_source"]
+    assert by["speech_QA"]["score"] == 8 and by["speech_QA"]["reference_score"] == 9
+    assert by["sound_QA"]["score"] == 2
+    assert by["speech_and_sound_QA"]["score"] is None and by["speech_and_sound_QA"]["judge_failures"] == 2
+    assert res["metrics"]["score"] == pytest.approx((8 + 8 + 2 + 2 + 5 + 5) / 6)
+    assert res["metrics"]["judge_failures"] == 2
+    cats = res["metrics"]["categories"]
+    assert cats["speech"] == 8 and cats["sound"] == 2 and cats["mixed"] == 5  # mixed: the one that scored
+
+
+def test_unreachable_judge_counts_failures(monkeypatch):
+    judge = Judge(JudgeConfig(url="http://127.0.0.1:9/v1", retries=1, retry_sleep_s=0.0, timeout_s=2))
+    s = judge.score("m", "q", "ref", "pred")
+    assert s.failures == 2 and s.score is None
