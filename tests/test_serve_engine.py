@@ -1,0 +1,258 @@
+"""The serving engine's scheduling on a fake backend: join/leave between steps, 429, cancel,
+shutdown, UTF-8-safe and stop-string-safe streaming, and disconnects over real HTTP.
+
+Run: .venv/bin/pytest -q tests/test_serve_engine.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+
+from lalm.serve.engine import Delta, Engine, Failed, Finished, Options, Prepared, QueueFull
+from lalm.serve.engine import Sampled, ShuttingDown
+from lalm.serve.fake import FakeBackend
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def prep(backend, text: str) -> Prepared:
+    return backend.prepare([{"role": "user", "content": text}])
+
+
+async def collect(handle) -> tuple[str, object]:
+    text, end = [], None
+    async for ev in handle:
+        if isinstance(ev, Delta):
+            text.append(ev.text)
+        else:
+            end = ev
+    return "".join(text), end
+
+
+async def wait_until(cond, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+def test_requests_join_and_leave_between_steps():
+    backend = FakeBackend(step_delay_s=0.002, min_tokens=10**6)  # never emits EOS
+    engine = Engine(backend, max_batch=4, max_queue=4)
+    engine.start()
+
+    async def main():
+        long = engine.submit(prep(backend, "long"), Options(max_new_tokens=60))
+        task_long = asyncio.create_task(collect(long))
+        await wait_until(lambda: engine.steps >= 5)
+        short = engine.submit(prep(backend, "short"), Options(max_new_tokens=5))
+        text_short, end_short = await collect(short)
+        running_after_short = engine.load[0]
+        text_long, end_long = await task_long
+        return end_short, end_long, running_after_short
+
+    end_short, end_long, running_after_short = run(main())
+    engine.shutdown(1)
+    assert end_short.reason == end_long.reason == "length"
+    assert (end_short.completion_tokens, end_long.completion_tokens) == (5, 60)
+    # The short request joined a running batch (2 rows), left it, and the long one went on.
+    sizes = backend.batch_sizes
+    assert sizes[0] == 1 and 2 in sizes and sizes[-1] == 1
+    first_two, last_two = sizes.index(2), len(sizes) - 1 - sizes[::-1].index(2)
+    assert all(s == 2 for s in sizes[first_two:last_two + 1])
+    assert running_after_short == 1
+    assert backend.rows == {}  # finished rows were removed from the backend
+
+
+def test_batched_equals_alone_and_all_complete():
+    backend = FakeBackend()
+    engine = Engine(backend, max_batch=8, max_queue=64)
+    engine.start()
+    prompts = [f"question number {i}" for i in range(20)]
+
+    async def alone():
+        return [await collect(engine.submit(prep(backend, p), Options(max_new_tokens=16)))
+                for p in prompts]
+
+    async def together():
+        hs = [engine.submit(prep(backend, p), Options(max_new_tokens=16)) for p in prompts]
+        return await asyncio.gather(*(collect(h) for h in hs))
+
+    a, b = run(alone()), run(together())
+    engine.shutdown(1)
+    assert [t for t, _ in a] == [t for t, _ in b]
+    assert all(isinstance(e, Finished) for _, e in b)
+    assert max(backend.batch_sizes) == 8  # batch capped at max_batch, queue held the rest
+
+
+def test_full_queue_raises_and_cancel_frees_slot():
+    backend = FakeBackend(step_delay_s=0.002, min_tokens=10**6)
+    engine = Engine(backend, max_batch=2, max_queue=1)
+    engine.start()
+
+    async def main():
+        hs = [engine.submit(prep(backend, str(i)), Options(max_new_tokens=10**4))
+              for i in range(3)]
+        with pytest.raises(QueueFull, match="busy"):
+            engine.submit(prep(backend, "one too many"), Options(max_new_tokens=1))
+        await wait_until(lambda: len(backend.rows) == 2)
+        hs[0].cancel()  # like a client disconnect: the waiting request takes its row
+        _, end0 = await collect(hs[0])
+        await wait_until(lambda: hs[2].key in backend.rows)
+        assert hs[0].key not in backend.rows
+        for h in hs[1:]:
+            h.cancel()
+        ends = [await collect(h) for h in hs[1:]]
+        return end0, ends
+
+    end0, ends = run(main())
+    assert end0.reason == "abort" and all(e.reason == "abort" for _, e in ends)
+    assert backend.rows == {} and engine.load == (0, 0)
+    engine.shutdown(1)
+
+
+def test_shutdown_finishes_running_and_refuses_waiting():
+    backend = FakeBackend(step_delay_s=0.002, min_tokens=10**6)
+    engine = Engine(backend, max_batch=1, max_queue=4)
+    engine.start()
+
+    async def main():
+        running = engine.submit(prep(backend, "a"), Options(max_new_tokens=40))
+        waiting = engine.submit(prep(backend, "b"), Options(max_new_tokens=40))
+        await wait_until(lambda: engine.steps >= 2)
+        t = asyncio.get_running_loop().run_in_executor(None, engine.shutdown, 30)
+        r_run, r_wait = await asyncio.gather(collect(running), collect(waiting))
+        await t
+        with pytest.raises(ShuttingDown):
+            engine.submit(prep(backend, "c"), Options(max_new_tokens=1))
+        return r_run, r_wait
+
+    (_, end_run), (_, end_wait) = run(main())
+    assert isinstance(end_run, Finished) and end_run.completion_tokens == 40
+    assert isinstance(end_wait, Failed) and end_wait.status == 503
+
+
+class ByteBackend(FakeBackend):
+    """Emits the UTF-8 bytes of a fixed answer one byte per token (splits characters)."""
+
+    answer = "café, déjà vu — ok. STOP here".encode()
+
+    def _sample(self, key):
+        row = self.rows[key]
+        i = len(row["out"])
+        token = self.answer[i] + 1 if i < len(self.answer) else 0
+        row["out"].append(token)
+        return Sampled(token)
+
+    def decode(self, ids):
+        return bytes(i - 1 for i in ids).decode("utf-8", errors="replace")
+
+    def token_text(self, token):
+        return bytes([token - 1]).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("stop,expected", [
+    ((), "café, déjà vu — ok. STOP here"),
+    ((" STOP",), "café, déjà vu — ok."),
+    (("vu —", "ok"), "café, déjà "),
+])
+def test_stream_never_splits_characters_or_leaks_stop(stop, expected):
+    backend = ByteBackend()
+    engine = Engine(backend)
+    engine.start()
+
+    async def main():
+        h = engine.submit(prep(backend, "x"), Options(max_new_tokens=100, stop=stop))
+        return [ev async for ev in h]
+
+    events = run(main())
+    engine.shutdown(1)
+    deltas = [e.text for e in events if isinstance(e, Delta)]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == expected
+    assert events[-1].reason == "stop"
+    if stop:  # no piece of the stop string was ever sent
+        sent = ""
+        for d in deltas:
+            sent += d
+            assert not any(s in sent for s in stop)
+
+
+def test_http_disconnect_frees_the_row():
+    pytest.importorskip("fastapi")
+    from lalm.serve.app import create_app
+    from lalm.serve.cli import background_server
+
+    backend = FakeBackend(step_delay_s=0.005, min_tokens=10**6)
+    engine = Engine(backend, max_batch=4, max_queue=4)
+    body = {"messages": [{"role": "user", "content": "go on forever"}], "max_tokens": 4000,
+            "temperature": 0}
+    with background_server(create_app(engine)) as url:
+        for stream in (True, False):
+            got_first = threading.Event()
+            statuses = []
+
+            def client():
+                with httpx.Client(timeout=30) as c:
+                    try:
+                        with c.stream("POST", f"{url}/v1/chat/completions",
+                                      json={**body, "stream": stream}) as r:
+                            if stream:
+                                statuses.append(r.status_code)
+                                next(r.iter_lines())
+                                got_first.set()
+                                return  # closes the connection mid-stream
+                            r.read()
+                    except httpx.HTTPError:
+                        pass
+
+            t = threading.Thread(target=client, daemon=True)
+            if stream:
+                t.start()
+                assert got_first.wait(20)
+                t.join(20)
+                assert statuses == [200]
+            else:
+                # Non-streaming: hang up while the answer is being decoded.
+                with httpx.Client(timeout=0.5) as c:
+                    with pytest.raises(httpx.ReadTimeout):
+                        c.post(f"{url}/v1/chat/completions", json=body)
+            deadline = time.monotonic() + 20
+            while backend.rows or engine.load != (0, 0):
+                assert time.monotonic() < deadline, "row not freed after disconnect"
+                time.sleep(0.01)
+        r = httpx.get(f"{url}/health")
+        assert r.json()["running"] == 0
+
+
+def test_http_full_queue_is_429():
+    pytest.importorskip("fastapi")
+    from lalm.serve.app import create_app
+    from lalm.serve.cli import background_server
+
+    backend = FakeBackend(step_delay_s=0.005, min_tokens=10**6)
+    engine = Engine(backend, max_batch=1, max_queue=0)
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4000, "stream": True}
+    with background_server(create_app(engine)) as url:
+        with httpx.Client(timeout=30) as c:
+            with c.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                next(r.iter_lines())
+                r2 = c.post(f"{url}/v1/chat/completions", json={**body, "stream": False})
+                assert r2.status_code == 429
+                assert r2.json()["error"]["type"] == "rate_limit_error"
+                assert "busy" in r2.json()["error"]["message"]
+            deadline = time.monotonic() + 20
+            while engine.load != (0, 0):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            r3 = c.post(f"{url}/v1/chat/completions", json={**body, "stream": False,
+                                                              "max_tokens": 3})
+            assert r3.status_code == 200
