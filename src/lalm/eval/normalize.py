@@ -250,11 +250,15 @@ def wer_tokens(text: str, lang: str) -> list[str]:
     return tokens
 
 
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
 def answer_normalize(text: str, lang: str = "en") -> str:
     """Short answers (lalm's own tasks): Whisper normalisers, so "Twelve." == "12"."""
     text = remove_sp(text, lang).strip()
     if lang == "en":
-        text = english_normalize(text)
+        # Articles carry no answer ("A bell." is "bell"), as SQuAD-style answer matching drops them.
+        text = _ARTICLES.sub(" ", english_normalize(text))
     if lang in ("zh", "yue"):
         text = chinese_text_norm(to_simplified(text))
         return "".join(evaluation_tokenize(text))
