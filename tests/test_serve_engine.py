@@ -7,7 +7,8 @@ Run: .venv/bin/pytest -q tests/test_serve_engine.py
 from __future__ import annotations
 
 import asyncio
-import threading
+import json
+import socket
 import time
 
 import httpx
@@ -192,42 +193,27 @@ def test_http_disconnect_frees_the_row():
 
     backend = FakeBackend(step_delay_s=0.005, min_tokens=10**6)
     engine = Engine(backend, max_batch=4, max_queue=4)
-    body = {"messages": [{"role": "user", "content": "go on forever"}], "max_tokens": 4000,
-            "temperature": 0}
     with background_server(create_app(engine)) as url:
+        host, port = url.removeprefix("http://").split(":")
         for stream in (True, False):
-            got_first = threading.Event()
-            statuses = []
-
-            def client():
-                with httpx.Client(timeout=30) as c:
-                    try:
-                        with c.stream("POST", f"{url}/v1/chat/completions",
-                                      json={**body, "stream": stream}) as r:
-                            if stream:
-                                statuses.append(r.status_code)
-                                next(r.iter_lines())
-                                got_first.set()
-                                return  # closes the connection mid-stream
-                            r.read()
-                    except httpx.HTTPError:
-                        pass
-
-            t = threading.Thread(target=client, daemon=True)
-            if stream:
-                t.start()
-                assert got_first.wait(20)
-                t.join(20)
-                assert statuses == [200]
-            else:
-                # Non-streaming: hang up while the answer is being decoded.
-                with httpx.Client(timeout=0.5) as c:
-                    with pytest.raises(httpx.ReadTimeout):
-                        c.post(f"{url}/v1/chat/completions", json=body)
+            body = json.dumps({"messages": [{"role": "user", "content": "go on forever"}],
+                               "max_tokens": 4000, "temperature": 0, "stream": stream}).encode()
+            # A raw socket, so the test decides exactly when the client vanishes: once its
+            # row is decoding in the engine.
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
             deadline = time.monotonic() + 20
+            while not backend.rows:
+                assert time.monotonic() < deadline, "request never started decoding"
+                time.sleep(0.005)
+            steps = engine.steps
+            sock.close()
             while backend.rows or engine.load != (0, 0):
-                assert time.monotonic() < deadline, "row not freed after disconnect"
-                time.sleep(0.01)
+                assert time.monotonic() < deadline, f"row not freed after disconnect ({stream=})"
+                time.sleep(0.005)
+            assert engine.steps - steps < 3000  # freed long before its 4000 tokens
         r = httpx.get(f"{url}/health")
         assert r.json()["running"] == 0
 
@@ -244,7 +230,8 @@ def test_http_full_queue_is_429():
         with httpx.Client(timeout=30) as c:
             with c.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
                 assert r.status_code == 200
-                next(r.iter_lines())
+                lines = r.iter_lines()  # kept alive: a dropped iterator closes the connection
+                next(lines)
                 r2 = c.post(f"{url}/v1/chat/completions", json={**body, "stream": False})
                 assert r2.status_code == 429
                 assert r2.json()["error"]["type"] == "rate_limit_error"

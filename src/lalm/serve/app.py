@@ -27,6 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lalm.audio import SAMPLE_RATE
 from lalm.errors import ContextLengthError, LalmError
 from lalm.serve.engine import Delta, Engine, Failed, Finished, Options, QueueFull, ShuttingDown
 from lalm.serve.media import MediaPolicy, build_conversation, decode_audio
@@ -207,6 +208,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         finally:
             if not task.done():
                 task.cancel()
+                task.add_done_callback(_retrieve)
             for h in handles:
                 h.cancel()
 
@@ -297,8 +299,6 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         # model whose ASR prompt is fixed, so `prompt` is accepted and not used.
         raw = await upload.read()
         wave = await run_in_threadpool(decode_audio, raw, "file", config.media)
-        from lalm.audio import SAMPLE_RATE
-
         conversation = [{"role": "user", "content": [
             {"type": "audio", "audio": {"array": wave, "sampling_rate": SAMPLE_RATE}},
             {"type": "text", "text": config.asr_prompt},
@@ -337,6 +337,12 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    # A cancelled gather still holds an exception; read it so asyncio does not log it.
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _model_card(name: str) -> dict[str, Any]:

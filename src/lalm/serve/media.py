@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
+from lalm.audio import SAMPLE_RATE, load_audio
 from lalm.errors import LalmError
 from lalm.serve.schemas import APIError, AudioURLPart, ChatRequest, InputAudioPart, TextPart
 
@@ -136,8 +137,6 @@ def audio_bytes(part: InputAudioPart | AudioURLPart, param: str, policy: MediaPo
 
 def decode_audio(raw: bytes, param: str, policy: MediaPolicy) -> np.ndarray:
     """File bytes -> float32 mono 16 kHz, refusing non-audio, empty and too long input."""
-    from lalm.audio import SAMPLE_RATE, load_audio
-
     if len(raw) > policy.max_bytes:
         raise APIError(
             413, f"{param}: audio is larger than {policy.max_bytes} bytes", param, "audio_too_large"
@@ -166,8 +165,6 @@ def decode_audio(raw: bytes, param: str, policy: MediaPolicy) -> np.ndarray:
 
 def build_conversation(req: ChatRequest, policy: MediaPolicy) -> list[dict[str, Any]]:
     """OpenAI messages -> lalm chat messages with decoded waves (see docs/design.md)."""
-    from lalm.audio import SAMPLE_RATE
-
     conversation = []
     for i, m in enumerate(req.messages):
         role = "system" if m.role == "developer" else m.role
