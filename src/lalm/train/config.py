@@ -1,0 +1,193 @@
+"""`TrainConfig`: every knob of `lalm train`, read from YAML and overridden by `--key=value`.
+
+One flat dataclass (plus `model` overrides for the preset) so a run is described by one
+YAML file, and the exact config a run used is written next to its checkpoints. Unknown keys
+are errors, never silently ignored: a typo in `lerning_rate` must not train with the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lalm.errors import ConfigError
+
+STAGES = ("pretrain", "sft", "dpo")
+COMPONENTS = ("encoder", "projector", "decoder")
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "sft"  # pretrain | sft | dpo
+
+    # --- model initialisation -------------------------------------------------------------
+    # "preset:NAME" builds a randomly initialised model from lalm.config.PRESETS (+ `model`
+    # overrides); anything else is a checkpoint folder (HF format, as lalm writes it).
+    init: str = "preset:tiny"
+    model: dict = field(default_factory=dict)  # ModelConfig.preset(name, **model) overrides
+    encoder_init: str | None = None  # HF Whisper folder / .safetensors, or CTranslate2 model.bin
+    decoder_init: str | None = None  # Qwen2 checkpoint folder (HF Qwen2ForCausalLM keys)
+    tokenizer: str | None = None  # tokenizer folder; default: the init checkpoint's
+
+    # --- data -------------------------------------------------------------------------------
+    data: str | None = None  # training manifest (jsonl)
+    eval_data: str | None = None  # held-out manifest, scored every eval_every steps
+    eval_every: int = 0
+    train_on: str = "all"  # SFT/DPO: loss on all assistant turns or only the last
+    max_length: int = 4096  # longer examples are skipped (counted), never truncated
+    length_grouping: bool = True  # batch examples of similar length to waste less padding
+    augment_gain_db: float = 0.0  # random gain in [-x, +x] dB
+    augment_speed: float = 0.0  # random speed factor in [1-x, 1+x]
+    augment_noise_snr_db: float | None = None  # white noise at this SNR (dB), None = off
+
+    # --- optimisation -----------------------------------------------------------------------
+    max_steps: int = 100
+    batch_size: int = 8  # global batch (examples, or pairs for DPO), split across ranks
+    micro_batch_size: int = 0  # examples per forward on one rank; 0 = the whole rank batch
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16
+    freeze: list = field(default_factory=list)  # any of encoder, projector, decoder
+    lora_r: int = 0  # 0 = no LoRA
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list = field(default_factory=list)  # e.g. [q_proj, v_proj]
+    beta: float = 0.1  # DPO temperature (Eq. 2); 0.1 as LLaMA-Factory / ms-swift
+
+    # --- run --------------------------------------------------------------------------------
+    seed: int = 0
+    out: str = "runs/train"
+    save_every: int = 0  # 0 = only the final model
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    fsdp: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int = 0  # CPU threads per process; 0 = torch's default (shared CPUs: 1 is often faster)
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage: {self.stage!r} is not one of {', '.join(STAGES)}")
+        if self.train_on not in ("all", "last"):
+            raise ConfigError(f"train_on: {self.train_on!r} is not 'all' or 'last'")
+        for c in self.freeze:
+            if c not in COMPONENTS:
+                raise ConfigError(f"freeze: {c!r} is not one of {', '.join(COMPONENTS)}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision: {self.precision!r} is not auto, fp32 or bf16")
+        for name in ("max_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size < 0 or self.save_every < 0 or self.warmup_steps < 0:
+            raise ConfigError("micro_batch_size, save_every and warmup_steps must be >= 0")
+        if self.lora_r and not self.lora_target_modules:
+            raise ConfigError("lora_target_modules: LoRA (lora_r > 0) needs target module names")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in known:
+                raise ConfigError(f"{source}: unknown config key {key!r}")
+        cfg = cls()
+        for key, value in d.items():
+            setattr(cfg, key, _coerce(cls, key, value, source))
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> "TrainConfig":
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read config: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a config is a mapping of key: value")
+        cfg = cls.from_dict(raw, source=str(path))
+        cfg.apply_overrides(overrides)
+        return cfg
+
+    def apply_overrides(self, overrides: list[str]) -> None:
+        """Apply `key=value` (or `--key=value`, `model.key=value`) strings in order."""
+        known = {f.name for f in dataclasses.fields(self)}
+        for item in overrides:
+            text = item[2:] if item.startswith("--") else item
+            if "=" not in text:
+                raise ConfigError(f"override {item!r}: expected --key=value")
+            key, value = text.split("=", 1)
+            key = key.replace("-", "_")
+            parsed = yaml.safe_load(value) if value != "" else None
+            if key.startswith("model."):  # model.text.hidden_size=64 -> model["text"]["hidden_size"]
+                path = key.split(".")[1:]
+                model = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.model.items()}
+                node = model
+                for part in path[:-1]:
+                    node = node.setdefault(part, {})
+                    if not isinstance(node, dict):
+                        raise ConfigError(f"override {item!r}: model.{part} is not a mapping")
+                node[path[-1]] = parsed
+                self.model = model
+                continue
+            if key not in known:
+                raise ConfigError(f"override {item!r}: unknown config key {key!r}")
+            setattr(self, key, _coerce(type(self), key, parsed, "override"))
+
+
+def _coerce(cls, key: str, value, source: str):
+    """Check/convert `value` to the declared type of field `key` (YAML reads 1e-4 as a string)."""
+    hint = typing.get_type_hints(cls)[key]
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, hint = True, args[0]
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: {key} cannot be null")
+    try:
+        if hint is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+                return value.lower() in ("true", "1")
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if hint is str:
+            return str(value)
+        if hint is list:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise TypeError
+            return list(value)
+        if hint is dict:
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ConfigError(f"{source}: {key} expects {hint.__name__}, got {value!r}")

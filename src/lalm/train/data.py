@@ -1,0 +1,220 @@
+"""Manifest -> training examples -> length-grouped global batches, sharded over ranks.
+
+Per stage, one manifest record becomes:
+- pretrain: the base model's raw form (spec section 4): the prompt turns' parts joined, each
+  audio as `<|audio_bos|><|AUDIO|><|audio_eos|>`, then the last assistant answer and
+  `<|endoftext|>` as the target (processor.prepare_raw). No chat markup, as in the paper's Fig. 2.
+- sft: the Instruct template, loss on every assistant turn (train_on=all) or the last only.
+- dpo: two examples, prompt + chosen and prompt + rejected, loss (log-prob) on the answer only.
+
+Order is a pure function of (seed, epoch): a permutation, then "mega-batches" of 16 global
+batches sorted by length so a batch holds similar lengths (less padding), then the batches
+shuffled. A global batch of `batch_size` items is cut into `world` equal rank slices. Resuming
+at (epoch, batch) therefore replays exactly what an uninterrupted run would have seen. The last
+incomplete batch of an epoch is dropped so every step sees exactly `batch_size` items.
+
+Bad records (malformed line, missing or unreadable audio, over-long) are skipped and counted;
+the trainer reports the count at the end. Augmentation (gain, speed, noise) draws from a
+generator seeded by (seed, epoch, index), so it too is replayed exactly on resume.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from lalm import audio as A
+from lalm import chat
+from lalm.data.manifest import read_manifest
+from lalm.errors import ChatFormatError, ConfigError, LalmError
+from lalm.processor import Example, prepare, prepare_raw
+from lalm.tokenizer import AUDIO, AUDIO_BOS, AUDIO_EOS, Tokenizer
+
+MEGA_BATCHES = 16  # global batches per length-sorted group
+
+
+@dataclass
+class Skipped:
+    """Why records were dropped: (where, message) pairs; the count is what the run reports."""
+
+    items: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, where: str, message: str) -> None:
+        self.items.append((where, message))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def summary(self) -> str:
+        if not self.items:
+            return "no records skipped"
+        return f"skipped {len(self.items)} record(s); first: {self.items[0][1]}"
+
+
+def _text(content) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+
+
+def raw_prompt(messages: list[dict]) -> tuple[str, list, str]:
+    """Pre-training form of a conversation: (raw prompt with <|AUDIO|>, audio sources, target)."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise ChatFormatError("a pre-training record needs an assistant message (the target)")
+    prompt, audios = "", []
+    for m in messages[:last]:
+        if m["role"] == "system" or isinstance(m["content"], str):
+            if m["role"] != "system":
+                prompt += m["content"]
+            continue
+        for p in m["content"]:
+            if p.get("type") == "audio":
+                prompt += AUDIO_BOS + AUDIO + AUDIO_EOS
+                audios.append(p["audio"])
+            else:
+                prompt += p.get("text", "")
+    return prompt, audios, _text(messages[last]["content"])
+
+
+class TrainData:
+    """The usable records of a manifest for one stage, and the deterministic batch schedule."""
+
+    def __init__(self, path: str, stage: str, tokenizer: Tokenizer, n_mels: int, *, train_on: str = "all",
+                 max_length: int | None = None, augment: dict | None = None, seed: int = 0):
+        self.path, self.stage, self.tokenizer, self.n_mels = path, stage, tokenizer, n_mels
+        self.train_on, self.max_length, self.seed = train_on, max_length, seed
+        self.augment = augment or {}
+        self.skipped = Skipped()
+        manifest = read_manifest(path, warn=False)
+        for line, message in manifest.problems:
+            self.skipped.add(f"{path}:{line}", message)
+        self.records, self.lengths = [], []
+        for k, rec in enumerate(manifest):
+            where = f"{path}: record {rec.get('id', k + 1)}"
+            try:
+                self.lengths.append(self._estimate_length(rec, where))
+            except LalmError as e:
+                self.skipped.add(where, str(e))
+                continue
+            except (RuntimeError, OSError) as e:  # soundfile: unreadable header
+                self.skipped.add(where, f"{where}: unreadable audio ({e})")
+                continue
+            self.records.append(rec)
+        if self.skipped:
+            warnings.warn(f"{path}: {self.skipped.summary()}", stacklevel=2)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    # -- per record ------------------------------------------------------------------------------
+
+    def _estimate_length(self, rec: dict, where: str) -> int:
+        """Token length from audio headers (no decoding): for grouping and the max_length filter."""
+        if self.stage == "dpo" and "chosen" not in rec:
+            raise ChatFormatError(f"{where}: a DPO record needs 'chosen' and 'rejected'")
+        if self.stage != "dpo" and not any(m["role"] == "assistant" for m in rec["messages"]):
+            raise ChatFormatError(f"{where}: no assistant message to train on")
+        msgs = chat.validate(rec["messages"])
+        counts = []
+        for src in chat.audios(msgs):
+            info = sf.info(src)
+            seconds = info.frames / info.samplerate
+            counts.append(max(1, A.num_audio_tokens(A.num_frames(int(math.ceil(seconds * A.SAMPLE_RATE))))))
+        answer = rec.get("chosen", "") + rec.get("rejected", "")
+        n = len(chat.render(msgs, self.tokenizer, counts, add_generation_prompt=False).ids)
+        n += len(self.tokenizer.encode(answer)) + 4
+        if self.max_length and n > self.max_length + 8:
+            raise LalmError(f"{where}: about {n} tokens, over max_length={self.max_length}")
+        return n
+
+    def _audio(self, src, index: int, epoch: int, k: int):
+        """Load one audio, augmented when configured (never for DPO: the reference saw it clean)."""
+        if not self.augment or self.stage == "dpo":
+            return src
+        wave = A.load_audio(src)
+        rng = np.random.default_rng([self.seed, epoch, index, k])
+        return augment_wave(wave, rng, **self.augment)
+
+    def examples(self, index: int, epoch: int = 0) -> list[Example]:
+        """The example(s) of record `index`: one, or (chosen, rejected) for DPO."""
+        rec = self.records[index]
+        msgs = [dict(m) for m in rec["messages"]]
+        k = 0
+        for m in msgs:
+            if isinstance(m["content"], list):
+                parts = []
+                for p in m["content"]:
+                    if p.get("type") == "audio":
+                        p = {**p, "audio": self._audio(p["audio"], index, epoch, k)}
+                        k += 1
+                    parts.append(p)
+                m["content"] = parts
+        if self.stage == "pretrain":
+            prompt, audios, target = raw_prompt(msgs)
+            return [prepare_raw(prompt, audios, self.tokenizer, self.n_mels, target=target,
+                                max_length=self.max_length)]
+        if self.stage == "sft":
+            return [prepare(msgs, self.tokenizer, self.n_mels, add_generation_prompt=False,
+                            train_on=self.train_on, max_length=self.max_length)]
+        # DPO: only the answer is scored (train_on="last"), so earlier turns never enter log P(y|x).
+        return [prepare(msgs + [{"role": "assistant", "content": rec[key]}], self.tokenizer, self.n_mels,
+                        add_generation_prompt=False, train_on="last", max_length=self.max_length)
+                for key in ("chosen", "rejected")]
+
+    # -- schedule --------------------------------------------------------------------------------
+
+    def epoch_batches(self, epoch: int, batch_size: int, length_grouping: bool = True) -> list[list[int]]:
+        """Global batches (record indices) of one epoch, a pure function of (seed, epoch)."""
+        n = len(self.records)
+        if n < batch_size:
+            raise ConfigError(f"{self.path}: {n} usable records, fewer than batch_size={batch_size}")
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        if length_grouping:
+            span = batch_size * MEGA_BATCHES
+            grouped = []
+            for start in range(0, n, span):
+                chunk = order[start: start + span]
+                grouped += sorted(chunk, key=lambda i: -self.lengths[i])  # stable: ties keep random order
+            order = grouped
+        batches = [order[i: i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+        perm = torch.randperm(len(batches), generator=g).tolist()
+        return [batches[i] for i in perm]
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        return len(self.records) // batch_size
+
+
+def rank_slice(batch: list[int], rank: int, world: int) -> list[int]:
+    """This rank's contiguous share of a global batch."""
+    if len(batch) % world:
+        raise ConfigError(f"batch_size={len(batch)} is not divisible by the {world} ranks")
+    per = len(batch) // world
+    return batch[rank * per: (rank + 1) * per]
+
+
+def micro_batches(items: list, micro: int) -> list[list]:
+    micro = micro or len(items)
+    return [items[i: i + micro] for i in range(0, len(items), micro)]
+
+
+def augment_wave(wave: np.ndarray, rng: np.random.Generator, gain_db: float = 0.0, speed: float = 0.0,
+                 noise_snr_db: float | None = None) -> np.ndarray:
+    """Random gain (+-gain_db dB), speed (factor 1 +- speed, resampled) and white noise at an SNR."""
+    if speed:
+        factor = 1.0 + rng.uniform(-speed, speed)
+        n = max(1, int(round(len(wave) / factor)))
+        wave = np.interp(np.linspace(0, len(wave) - 1, n), np.arange(len(wave)), wave).astype(np.float32)
+    if gain_db:
+        wave = wave * np.float32(10 ** (rng.uniform(-gain_db, gain_db) / 20))
+    if noise_snr_db is not None:
+        power = float(np.mean(wave.astype(np.float64) ** 2)) or 1e-8
+        noise = rng.standard_normal(len(wave)) * math.sqrt(power / 10 ** (noise_snr_db / 10))
+        wave = wave + noise.astype(np.float32)
+    return np.clip(wave, -1.0, 1.0).astype(np.float32)

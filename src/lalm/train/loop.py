@@ -1,0 +1,393 @@
+"""The one training loop. A stage changes only the batch it builds and the loss it calls.
+
+    pretrain, sft: cross-entropy over target tokens (labels != -100)
+    dpo:           Eq. 2 over (chosen, rejected) pairs, reference log-probs from dpo_ref's cache
+
+Normalisation: every micro-batch's summed loss is divided by the target count (pairs for DPO)
+of the whole *global* batch, all ranks and micro-batches together, and multiplied by the world
+size because data-parallel gradients are averaged over ranks. So the update does not depend on
+how a global batch is split across processes or into micro-batches: 2 ranks x 4 equals 1 x 8.
+
+Logits are computed only at target rows (`model.hidden_states` then `lm_head` on the selected
+rows): with a 152k vocabulary the full (B, T, V) logits are the largest tensor of a step, and
+audio/prompt rows carry no loss. A frozen encoder's outputs could be cached the same way later:
+`_forward_rows` is the single place that turns a Batch into target logits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from lalm.errors import ConfigError, LalmError
+from lalm.processor import Batch, collate
+from lalm.train import build, checkpoint, distributed, dpo_ref, losses
+from lalm.train.config import TrainConfig
+from lalm.train.data import TrainData, micro_batches, rank_slice
+from lalm.train.metrics import MetricsWriter, plot_losses
+
+
+@dataclass
+class RunResult:
+    out: Path
+    final: Path
+    steps: int
+    last: dict = field(default_factory=dict)  # the last metrics row
+    skipped: int = 0
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then cosine to lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    low = cfg.lr * cfg.min_lr_ratio
+    return low + (cfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _forward_rows(model, batch: Batch):
+    """Target-row logits (N, V), their targets (N,) and the sequence of each row (N,)."""
+    h = model.hidden_states(batch.input_ids, batch.position_ids, batch.attention_mask,
+                            batch.mel, batch.mel_frames)  # (B, T, hidden)
+    sel = batch.labels != losses.IGNORE_INDEX  # (B, T)
+    logits = model.language_model.lm_head(h[sel])  # (N, V)
+    return logits, batch.labels[sel], sel.nonzero()[:, 0]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        self.cfg = cfg.validate()
+        if not cfg.data:
+            raise ConfigError("data: no training manifest (set data: in the config or pass --data)")
+        self.resume = resume
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.d = distributed.setup(cfg.device)
+        self.out = Path(cfg.out)
+        self.ckpt_root = self.out / "checkpoints"
+        self.use_fsdp = cfg.fsdp and self.d.active
+        self.bf16 = cfg.precision == "bf16" or (
+            cfg.precision == "auto" and self.d.device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+    # -- setup --------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg, d = self.cfg, self.d
+        self.tokenizer = build.build_tokenizer(cfg)
+        model = build.build_model(cfg, self.tokenizer)
+        self.model_config = model.config
+        model = build.apply_trainable(model, cfg)
+        with warnings.catch_warnings():
+            if not d.main:  # one warning per run, not one per rank
+                warnings.simplefilter("ignore")
+            augment = {"gain_db": cfg.augment_gain_db, "speed": cfg.augment_speed,
+                       "noise_snr_db": cfg.augment_noise_snr_db}
+            augment = augment if (cfg.augment_gain_db or cfg.augment_speed
+                                  or cfg.augment_noise_snr_db is not None) else None
+            n_mels = model.config.audio.num_mel_bins
+            self.data = TrainData(cfg.data, cfg.stage, self.tokenizer, n_mels, train_on=cfg.train_on,
+                                  max_length=cfg.max_length, augment=augment, seed=cfg.seed)
+            self.eval_data = (TrainData(cfg.eval_data, cfg.stage, self.tokenizer, n_mels, train_on=cfg.train_on,
+                                        max_length=cfg.max_length, seed=cfg.seed) if cfg.eval_data else None)
+        if cfg.batch_size % d.world:
+            raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {d.world} ranks")
+        self.batches_per_epoch = self.data.batches_per_epoch(cfg.batch_size)
+        if self.batches_per_epoch == 0:
+            raise ConfigError(f"{cfg.data}: {len(self.data)} usable records, fewer than batch_size={cfg.batch_size}")
+
+        self.start_step, self.resumed_from = 0, None
+        if self.resume:
+            found = checkpoint.newest_checkpoint(self.ckpt_root)
+            distributed.barrier(d)  # everyone has chosen before rank 0 removes torn folders
+            if d.main:
+                checkpoint.clean_partial(self.ckpt_root)
+            if found is not None:
+                self._load_weights(model, found)
+                self.resumed_from = found
+        model.to(d.device)
+        if self.use_fsdp:
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            distributed.apply_fsdp(model)
+            register_fsdp_forward_method(model, "hidden_states")  # the loop calls it, not forward()
+        self.model = model
+        self.names = {id(p): n for n, p in model.named_parameters()}
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]  # no weight decay on biases and norm scales
+        rest = [p for p in params if p.dim() < 2]
+        self.params = params
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+        if self.resumed_from is not None:
+            self._load_trainer_state(self.resumed_from)
+        if cfg.stage == "dpo":
+            self.ref = self._reference("train", self.data)
+            self.eval_ref = self._reference("eval", self.eval_data) if self.eval_data else None
+
+    def _load_weights(self, model, folder: Path) -> None:
+        if self.cfg.lora_r:  # frozen base = the init; the trained tensors are in the trainer state
+            build.load_trainable_state(model, checkpoint.read_tensors(folder, "params.safetensors"), str(folder))
+        else:
+            build.load_hf_state(model, folder)
+
+    def _load_trainer_state(self, folder: Path) -> None:
+        state = checkpoint.read_trainer_state(folder)
+        self.start_step = int(state["step"])
+        checkpoint.load_optimizer_tensors(self.optimizer, checkpoint.read_tensors(folder, "optimizer.safetensors"),
+                                          self.names, str(folder))
+        rng = folder / "trainer" / f"rng-rank{self.d.rank}.safetensors"
+        if rng.is_file():  # absent when resuming with more ranks than were saved
+            checkpoint.restore_rng(checkpoint.read_tensors(folder, rng.name))
+
+    # -- DPO reference ----------------------------------------------------------------------------
+
+    def _reference(self, name: str, data: TrainData) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        key = dpo_ref.fingerprint(data.path, len(data), {
+            "init": cfg.init, "model": cfg.model, "encoder_init": cfg.encoder_init,
+            "decoder_init": cfg.decoder_init, "seed": cfg.seed, "lora_r": cfg.lora_r})
+        path = dpo_ref.cache_path(self.out, name)
+        if self.resumed_from is not None:
+            return dpo_ref.load(path, key)
+        self.model.eval()
+        with torch.no_grad():
+            chosen, rejected = dpo_ref.compute(
+                lambda idx: self._pair_logps(data, idx), len(data), self.d.rank, self.d.world,
+                max(1, cfg.micro_batch_size or cfg.batch_size // self.d.world),
+                lambda t: distributed.all_sum_tensor(self.d, t))
+        self.model.train()
+        if self.d.main:
+            dpo_ref.save(path, chosen, rejected, key)
+        distributed.barrier(self.d)
+        return chosen, rejected
+
+    def _pair_logps(self, data: TrainData, indices: list[int], epoch: int = 0) -> torch.Tensor:
+        """log P(answer | prompt) for [chosen_0, rejected_0, chosen_1, ...] of the given records."""
+        examples = [e for i in indices for e in data.examples(i, epoch)]
+        batch = collate(examples, self.tokenizer.pad_id).to(self.d.device)
+        with self._autocast():
+            logits, targets, seq = _forward_rows(self.model, batch)
+        return losses.rows_sequence_logps(logits, targets, seq, len(examples))
+
+    def _autocast(self):
+        if self.bf16:
+            return torch.autocast(device_type=self.d.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def _rank_examples(self, indices: list[int], epoch: int) -> list[tuple[int, list]]:
+        out = []
+        for i in indices:
+            try:
+                out.append((i, self.data.examples(i, epoch)))
+            except LalmError as e:  # e.g. audio unreadable past its header: skip, counted
+                self.data.skipped.add(f"record {i}", str(e))
+        return out
+
+    def train_step(self, step: int) -> dict:
+        cfg, d = self.cfg, self.d
+        epoch, b = divmod(step, self.batches_per_epoch)
+        if getattr(self, "_epoch", None) != epoch:
+            self._epoch, self._batches = epoch, self.data.epoch_batches(epoch, cfg.batch_size, cfg.length_grouping)
+        mine = self._rank_examples(rank_slice(self._batches[b], d.rank, d.world), epoch)
+        micro = micro_batches(mine, cfg.micro_batch_size)
+        dpo = cfg.stage == "dpo"
+        # Denominator of the global-batch mean: target tokens (CE) or pairs (DPO), over all ranks.
+        local = len(mine) if dpo else sum(int(e.loss_mask[1:].sum()) for _, ex in mine for e in ex)
+        tokens_local = sum(len(e) for _, ex in mine for e in ex)
+        denom, tokens = distributed.all_sum(d, [local, tokens_local])
+        scale = d.world / max(denom, 1.0)
+        sums = {"loss": 0.0, "margin": 0.0, "acc": 0.0, "chosen": 0.0, "rejected": 0.0}
+        for k, part in enumerate(micro):
+            if self.use_fsdp:  # reduce-scatter gradients once per step, not once per micro-batch
+                self.model.set_requires_gradient_sync(k == len(micro) - 1)
+            examples = [e for _, ex in part for e in ex]
+            batch = collate(examples, self.tokenizer.pad_id).to(d.device)
+            with self._autocast():
+                logits, targets, seq = _forward_rows(self.model, batch)
+            if dpo:
+                logps = losses.rows_sequence_logps(logits, targets, seq, len(examples))
+                idx = torch.tensor([i for i, _ in part])
+                out = losses.dpo_loss(logps[0::2], logps[1::2], self.ref[0][idx].to(logps),
+                                      self.ref[1][idx].to(logps), cfg.beta)
+                total = out.losses.sum()
+                sums["margin"] += float(out.margins.sum())
+                sums["acc"] += float((out.margins > 0).sum())
+                sums["chosen"] += float(out.chosen_rewards.sum())
+                sums["rejected"] += float(out.rejected_rewards.sum())
+            else:
+                total = losses.rows_ce_sum(logits, targets)
+            (total * scale).backward()
+            sums["loss"] += float(total.detach())
+        if not self.use_fsdp:
+            distributed.average_gradients(d, self.params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        lr = lr_at(cfg, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        keys = list(sums)
+        totals = dict(zip(keys, distributed.all_sum(d, [sums[k] for k in keys])))
+        row = {"step": step + 1, "loss": totals["loss"] / max(denom, 1.0), "lr": lr,
+               "grad_norm": float(grad_norm), "tokens": int(tokens), "epoch": epoch}
+        if dpo:
+            row.update(reward_margin=totals["margin"] / denom, accuracy=totals["acc"] / denom,
+                       chosen_reward=totals["chosen"] / denom, rejected_reward=totals["rejected"] / denom)
+        return row
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, data: TrainData, ref: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+        """Held-out loss (pretrain/SFT) or preference accuracy and reward margin (DPO)."""
+        d, cfg = self.d, self.cfg
+        n = len(data)
+        per_rank = -(-n // d.world)
+        mine = list(range(d.rank, n, d.world))
+        mine += [-1] * (per_rank - len(mine))  # -1: padding so every rank runs as many forwards
+        micro = max(1, cfg.micro_batch_size or cfg.batch_size // d.world)
+        self.model.eval()
+        s = [0.0, 0.0, 0.0]  # loss sum (or margin sum), count, accuracy count
+        for start in range(0, per_rank, micro):
+            idx = mine[start: start + micro]
+            real = [i if i >= 0 else 0 for i in idx]
+            if cfg.stage == "dpo":
+                logps = self._pair_logps(data, real)
+                for j, i in enumerate(idx):
+                    if i < 0:
+                        continue
+                    margin = cfg.beta * float((logps[2 * j] - ref[0][i]) - (logps[2 * j + 1] - ref[1][i]))
+                    s[0] += margin
+                    s[1] += 1
+                    s[2] += margin > 0
+            else:
+                examples = [data.examples(i)[0] for i in real]
+                batch = collate(examples, self.tokenizer.pad_id).to(d.device)
+                with self._autocast():
+                    logits, targets, seq = _forward_rows(self.model, batch)
+                ce = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+                keep = torch.tensor([i >= 0 for i in idx], device=ce.device)[seq]
+                s[0] += float(ce[keep].sum())
+                s[1] += float(keep.sum())
+        self.model.train()
+        total, count, acc = distributed.all_sum(d, s)
+        if cfg.stage == "dpo":
+            return {"eval_reward_margin": total / max(count, 1), "eval_accuracy": acc / max(count, 1)}
+        return {"eval_loss": total / max(count, 1)}
+
+    # -- saving ----------------------------------------------------------------------------------
+
+    def _gather(self, trainer_state: bool = True):
+        """(HF tensors, optimizer tensors, LoRA trainable tensors) whole, on rank 0."""
+        d = self.d
+        state = distributed.full_tensors(d, self.model.state_dict().items())
+        optim = params = None
+        if trainer_state:
+            optim = distributed.full_tensors(d, checkpoint.optimizer_items(self.optimizer, self.names))
+            if self.cfg.lora_r:
+                params = distributed.full_tensors(
+                    d, ((n, p) for n, p in self.model.named_parameters() if p.requires_grad))
+        hf = build.export_state(state, build.lora_scaling(self.cfg)) if d.main else None
+        return hf, optim, params
+
+    def save_checkpoint(self, step: int) -> None:
+        d = self.d
+        hf, optim, params = self._gather()
+        tmp = self.ckpt_root / f".tmp-step-{step:06d}"
+        if d.main:
+            tmp = checkpoint.begin(self.ckpt_root, step)
+            build.save_hf(hf, self.model_config, self.tokenizer, tmp)
+            checkpoint.maybe_inject_kill(step)
+            state = {"step": step, "epoch": step // self.batches_per_epoch,
+                     "batch_in_epoch": step % self.batches_per_epoch, "world": d.world,
+                     "config": self.cfg.to_dict()}
+            checkpoint.write_trainer_state(tmp, state, optim, params)
+        distributed.barrier(d)
+        checkpoint.write_rng(tmp, d.rank)
+        distributed.barrier(d)
+        if d.main:
+            checkpoint.commit(self.ckpt_root, tmp, step, self.cfg.keep_checkpoints)
+        distributed.barrier(d)
+
+    def save_final(self) -> Path:
+        hf, _, _ = self._gather(trainer_state=False)
+        final = self.out / "final"
+        if self.d.main:
+            tmp = self.out / ".tmp-final"
+            shutil.rmtree(tmp, ignore_errors=True)
+            build.save_hf(hf, self.model_config, self.tokenizer, tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        distributed.barrier(self.d)
+        return final
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        cfg, d = self.cfg, self.d
+        self.setup()
+        writer = None
+        if d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            writer = MetricsWriter(self.out, resume_step=self.start_step)
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=self.start_step, disable=not (d.main and cfg.progress),
+                   desc=f"{cfg.stage}", unit="step", dynamic_ncols=True)
+        last, t0, seen = {}, time.perf_counter(), 0
+        try:
+            for step in range(self.start_step, cfg.max_steps):
+                row = self.train_step(step)
+                seen += row["tokens"]
+                elapsed = time.perf_counter() - t0
+                row["tokens_per_s"] = seen / max(elapsed, 1e-9)
+                done = step + 1
+                if self.eval_data is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+                    row.update(self.evaluate(self.eval_data, getattr(self, "eval_ref", None)))
+                if writer and (done % cfg.log_every == 0 or done == cfg.max_steps):
+                    writer.log(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.update(1)
+                last = row
+                if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.max_steps):
+                    self.save_checkpoint(done)
+            final = self.save_final()
+        finally:
+            bar.close()
+            if writer:
+                writer.close()
+        skipped = len(self.data.skipped)
+        if d.main:
+            plot_losses(self.out, title=f"lalm train --stage {cfg.stage}")
+            summary = {"steps": cfg.max_steps, "final": str(final), "skipped_records": skipped,
+                       "skipped_first": self.data.skipped.items[0][1] if skipped else None, "last": last}
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            if skipped:
+                warnings.warn(f"{cfg.data}: {self.data.skipped.summary()}", stacklevel=2)
+        return RunResult(self.out, final, cfg.max_steps, last, skipped)
+
+    def close(self) -> None:
+        distributed.teardown(self.d)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> RunResult:
+    trainer = Trainer(cfg, resume)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
