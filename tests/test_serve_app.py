@@ -132,7 +132,7 @@ def test_max_tokens_stop_n_logprobs(client):
     r = chat(client, {**GREEDY, "messages": msgs, "max_tokens": 12, "stop": [stop]}).json()
     assert r["choices"][0]["message"]["content"] == text[:text.index(stop)]
     assert r["choices"][0]["finish_reason"] == "stop"
-    r = chat(client, {**GREEDY, "messages": msgs, "max_tokens": 5, "n": 3, "logprobs": True,
+    r = chat(client, {**GREEDY, "messages": msgs, "max_tokens": 4, "n": 3, "logprobs": True,
                       "top_logprobs": 2}).json()
     assert [c["index"] for c in r["choices"]] == [0, 1, 2]
     assert len({c["message"]["content"] for c in r["choices"]}) == 1  # greedy: all equal

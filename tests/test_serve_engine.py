@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from lalm.serve.engine import Delta, Engine, Failed, Finished, Options, Prepared, QueueFull
-from lalm.serve.engine import Sampled, ShuttingDown
+from lalm.serve.engine import ShuttingDown
 from lalm.serve.fake import FakeBackend
 
 
@@ -141,22 +141,16 @@ def test_shutdown_finishes_running_and_refuses_waiting():
 
 
 class ByteBackend(FakeBackend):
-    """Emits the UTF-8 bytes of a fixed answer one byte per token (splits characters)."""
+    """Emits the UTF-8 bytes of a fixed answer, one byte per token (splits characters)."""
 
     answer = "café, déjà vu — ok. STOP here".encode()
 
-    def _sample(self, key):
-        row = self.rows[key]
-        i = len(row["out"])
-        token = self.answer[i] + 1 if i < len(self.answer) else 0
-        row["out"].append(token)
-        return Sampled(token)
+    def _pick(self, row):
+        i = len(row.tokens)
+        return self.answer[i] + 1 if i < len(self.answer) else 0
 
-    def decode(self, ids):
-        return bytes(i - 1 for i in ids).decode("utf-8", errors="replace")
-
-    def token_text(self, token):
-        return bytes([token - 1]).decode("utf-8", errors="replace")
+    def token_bytes(self, token):
+        return bytes([token - 1]) if token else b""
 
 
 @pytest.mark.parametrize("stop,expected", [

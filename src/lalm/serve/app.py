@@ -161,8 +161,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
             )
         return Options(
             max_new_tokens=wanted or min(room, config.default_max_tokens),
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
+            temperature=req.temperature,  # None: the checkpoint's generation_config
+            top_p=req.top_p,
             seed=req.seed,
             stop=tuple(req.stop_list()),
             logprobs=req.logprobs,

@@ -4,13 +4,14 @@ The HTTP side never touches the model: a route prepares a request (audio decode,
 tokenize: all per-request work, done in a worker thread) and `Engine.submit`s it. The one
 engine thread then loops:
 
-    drop cancelled rows -> admit waiting requests (prefill) -> one decode step for all rows
+    drop cancelled rows -> admit waiting requests (prefill) or run one decode step for all
 
 so requests join and leave the running batch between decode steps and no request waits
 for another to finish. Events (text deltas, the finish) go back to the request's asyncio
-queue with `call_soon_threadsafe`. A `Backend` owns the model state and the per-row
-decode state (lalm.generate's pieces for the real model, `fake.FakeBackend` in tests);
-the engine owns scheduling, stop strings, token limits and UTF-8-safe text.
+queue with `call_soon_threadsafe`. A `Backend` owns the model and the rows being decoded:
+`backend.LALMBackend` runs them on `lalm.generate`'s DecodeState and Row (which own
+sampling, stop tokens, stop strings and whole-character text); `fake.FakeBackend` runs
+the same Rows on a hash instead of a model. The engine owns only scheduling.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ log = logging.getLogger("lalm.serve")
 
 @dataclass(frozen=True)
 class Options:
-    """Per-request decoding options (OpenAI names mapped to lalm's)."""
+    """Per-request decoding options (OpenAI's names, mapped by the backend to lalm's)."""
 
     max_new_tokens: int
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
+    temperature: float | None = None  # None: the checkpoint's default; 0: greedy
+    top_p: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: bool = False
@@ -48,12 +49,15 @@ class Prepared:
 
 
 @dataclass
-class Sampled:
-    """One sampled token of one row, with its log-prob and the top alternatives."""
+class Update:
+    """What one row produced in one prefill or decode step."""
 
-    token: int
-    logprob: float = 0.0
-    top: list[tuple[int, float]] = field(default_factory=list)
+    token: int  # the sampled token
+    logprob: float  # its log-prob under the model
+    text: str  # new text: whole characters, held back while it may start a stop string
+    finish: str | None = None  # "stop" | "length" once the row is done
+    completion_tokens: int = 0  # tokens generated so far (a final stop token included)
+    top: list[tuple[int, float]] = field(default_factory=list)  # best alternatives, if asked
 
 
 class Backend(Protocol):
@@ -61,21 +65,22 @@ class Backend(Protocol):
 
     model_name: str
     max_context: int  # prompt + completion tokens a row may hold
-    eos_ids: frozenset[int]
+    stop_token_ids: frozenset[int]  # tokens that end a row (left out of logprobs)
 
-    def prepare(self, conversation: list[dict], add_generation_prompt: bool = True) -> Prepared:
+    def prepare(self, conversation: list[dict]) -> Prepared:
         """Render + tokenize + audio features. Thread-safe; raises LalmError on bad input."""
 
-    def add(self, rows: list[tuple[int, Prepared, Options]]) -> dict[int, Sampled]:
-        """Prefill new rows into the running batch; returns each new row's first token."""
+    def can_add(self, rows: list[tuple[Prepared, Options]]) -> bool:
+        """Whether these rows fit next to the running ones now (else they wait)."""
 
-    def step(self) -> dict[int, Sampled]:
-        """One decode step for every row in the batch; returns each row's next token."""
+    def add(self, rows: list[tuple[int, Prepared, Options]]) -> dict[int, Update]:
+        """Prefill new rows into the running batch; each new row's first token."""
+
+    def step(self) -> dict[int, Update]:
+        """One decode step for every running row."""
 
     def remove(self, keys: list[int]) -> None:
         """Drop rows (finished or cancelled) so they stop costing compute."""
-
-    def decode(self, ids: list[int]) -> str: ...
 
     def token_text(self, token: int) -> str: ...
 
@@ -91,7 +96,7 @@ class ShuttingDown(Exception):
 @dataclass
 class Delta:
     text: str
-    logprobs: list[dict] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)  # OpenAI's logprobs.content entries
 
 
 @dataclass
@@ -108,7 +113,9 @@ class Failed:
 
 
 class _Request:
-    def __init__(self, key: int, prepared: Prepared, options: Options, loop, engine: "Engine"):
+    """A submitted request: the engine thread fills `events`; a route iterates it."""
+
+    def __init__(self, key: int, prepared: Prepared, options: Options, loop, engine: Engine):
         self.key = key
         self.prepared = prepared
         self.options = options
@@ -118,11 +125,8 @@ class _Request:
         self.cancelled = False
         self.done = False  # engine side: the final event was posted
         self.ended = False  # async side: the final event was read
-        self.ids: list[int] = []
-        self.sent = 0  # characters of the decoded text already sent
-        self.pending_logprobs: list[dict] = []
+        self.completion_tokens = 0
 
-    # -- the async side: what a route iterates --
     def __aiter__(self):
         return self
 
@@ -176,6 +180,7 @@ class Engine:
 
     @property
     def load(self) -> tuple[int, int]:
+        """(running, waiting) requests."""
         with self._cv:
             return len(self._running), len(self._waiting)
 
@@ -186,8 +191,8 @@ class Engine:
         with self._cv:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
-            # Admitted rows wait at most one step; the queue bounds everyone else.
-            if len(self._waiting) >= self.max_queue + max(0, self.max_batch - len(self._running)):
+            free_rows = max(0, self.max_batch - len(self._running))
+            if len(self._waiting) >= self.max_queue + free_rows:
                 raise QueueFull(
                     f"the server is busy: {len(self._running)} requests running and "
                     f"{len(self._waiting)} queued (limit {self.max_queue}); retry later"
@@ -210,16 +215,12 @@ class Engine:
                 if self._stopping and not self._running:
                     return
                 dropped = [r for r in self._running.values() if r.cancelled]
-                for r in self._waiting:
-                    if r.cancelled:
-                        dropped.append(r)
+                dropped += [r for r in self._waiting if r.cancelled]
                 self._waiting = [r for r in self._waiting if not r.cancelled]
-                if self._stopping and self._deadline is not None:
-                    if time.monotonic() > self._deadline:
-                        dropped += [r for r in self._running.values() if not r.cancelled]
-                free = self.max_batch - (len(self._running) - sum(
-                    1 for r in dropped if r.key in self._running))
-                admitted = self._waiting[:max(0, free)]
+                if self._stopping and time.monotonic() > self._deadline:
+                    dropped += [r for r in self._running.values() if not r.cancelled]
+                admitted = self._admissible(len(self._running) - sum(
+                    r.key in self._running for r in dropped))
                 self._waiting = self._waiting[len(admitted):]
             try:
                 self._tick(dropped, admitted)
@@ -234,86 +235,59 @@ class Engine:
                 for r in rows:
                     self._finish(r, Failed(f"internal error in the engine: {type(e).__name__}"))
 
+    def _admissible(self, running: int) -> list[_Request]:
+        """The longest prefix of the queue that fits (first come, first served: no overtaking)."""
+        n = 0
+        while n < len(self._waiting) and running + n < self.max_batch:
+            rows = [(r.prepared, r.options) for r in self._waiting[: n + 1]]
+            if not self.backend.can_add(rows):
+                break
+            n += 1
+        return self._waiting[:n]
+
     def _tick(self, dropped: list[_Request], admitted: list[_Request]) -> None:
-        gone = [r.key for r in dropped if r.key in self._running]
-        for r in dropped:
-            self._running.pop(r.key, None)
+        gone = [r.key for r in dropped if self._running.pop(r.key, None) is not None]
         if gone:
             self.backend.remove(gone)
         for r in dropped:
-            reason = "abort"
-            self._finish(r, Finished(reason, r.prepared.prompt_tokens, len(r.ids)))
+            self._finish(r, Finished("abort", r.prepared.prompt_tokens, r.completion_tokens))
         if admitted:
+            # Prefill new rows now; everyone decodes together from the next step on.
             for r in admitted:
                 self._running[r.key] = r
-            firsts = self.backend.add([(r.key, r.prepared, r.options) for r in admitted])
-            self._consume(firsts)
+            self._consume(self.backend.add([(r.key, r.prepared, r.options) for r in admitted]))
         elif self._running:
             self._consume(self.backend.step())
             self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, len(self._running))
 
-    def _consume(self, sampled: dict[int, Sampled]) -> None:
+    def _consume(self, updates: dict[int, Update]) -> None:
         finished = []
-        for key, s in sampled.items():
+        for key, u in updates.items():
             r = self._running.get(key)
-            if r is None or r.cancelled:
+            if r is None:
                 continue
-            reason = self._accept(r, s)
-            if reason is not None:
-                finished.append((r, reason))
+            r.completion_tokens = u.completion_tokens
+            entries = []
+            if r.options.logprobs and u.token not in self.backend.stop_token_ids:
+                entries = [self._logprob_entry(u, r.options.top_logprobs)]
+            if (u.text or entries) and not r.cancelled:
+                self._post(r, Delta(u.text, entries))
+            if u.finish is not None:
+                finished.append((r, u.finish))
         if finished:
             self.backend.remove([r.key for r, _ in finished])
             for r, reason in finished:
                 self._running.pop(r.key, None)
-                self._finish(r, Finished(reason, r.prepared.prompt_tokens, len(r.ids)))
+                self._finish(r, Finished(reason, r.prepared.prompt_tokens, r.completion_tokens))
 
-    def _accept(self, r: _Request, s: Sampled) -> str | None:
-        """Append one token to a row; send the text it completes. Returns a finish reason."""
-        eos = s.token in self.backend.eos_ids
-        if not eos:
-            r.ids.append(s.token)
-            if r.options.logprobs:
-                r.pending_logprobs.append(self._logprob_entry(s, r.options.top_logprobs))
-        text = self.backend.decode(r.ids)
-        reason = None
-        cut = len(text)
-        for stop in r.options.stop:
-            at = text.find(stop, max(0, r.sent - len(stop) + 1))
-            if at != -1 and at < cut:
-                cut, reason = at, "stop"
-        if reason is None:
-            if eos:
-                reason = "stop"
-            elif len(r.ids) >= r.options.max_new_tokens:
-                reason = "length"
-            elif r.prepared.prompt_tokens + len(r.ids) >= self.backend.max_context:
-                reason = "length"
-        if reason is None:
-            # Hold back an incomplete UTF-8 character (decoded as U+FFFD until its last byte
-            # arrives) and any tail that may be the start of a stop string.
-            cut = len(text.rstrip("\ufffd"))
-            hold = 0
-            for stop in r.options.stop:
-                for k in range(min(len(stop) - 1, cut), 0, -1):
-                    if text[cut - k:cut] == stop[:k]:
-                        hold = max(hold, k)
-                        break
-            cut -= hold
-        if cut > r.sent or (reason is not None and r.pending_logprobs):
-            delta = Delta(text[r.sent:cut], r.pending_logprobs)
-            r.pending_logprobs = []
-            r.sent = max(r.sent, cut)
-            self._post(r, delta)
-        return reason
-
-    def _logprob_entry(self, s: Sampled, top_n: int) -> dict:
+    def _logprob_entry(self, u: Update, top_n: int) -> dict:
         def entry(token: int, lp: float) -> dict:
             t = self.backend.token_text(token)
             return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
 
-        e = entry(s.token, s.logprob)
-        e["top_logprobs"] = [entry(t, lp) for t, lp in s.top[:top_n]]
+        e = entry(u.token, u.logprob)
+        e["top_logprobs"] = [entry(t, lp) for t, lp in u.top[:top_n]]
         return e
 
     def _post(self, r: _Request, ev: Any) -> None:

@@ -1,22 +1,24 @@
 """A deterministic stand-in model for the server's tests and for working on the web page.
 
-`FakeBackend` speaks the engine's `Backend` protocol without torch: a row's next token is
-a hash of everything the row has seen (prompt text, audio samples, its own tokens), so
-greedy output depends only on the request, never on which other rows share the batch,
-exactly the property the real backend must have. `step_delay_s` makes one decode step
-cost the same wall time whatever the batch size, like a memory-bound decoder.
+`FakeBackend` speaks the engine's `Backend` protocol with `lalm.generate`'s own `Row`
+(stop tokens, stop strings, whole-character text, length limits) but picks tokens with a
+hash of everything the row has seen (prompt text, audio samples, its own tokens) instead
+of a model. So greedy output depends only on the request, never on which other rows share
+the batch: the property the real backend must have. `step_delay_s` makes one step cost
+the same wall time whatever the batch size, like a memory-bound decoder.
 """
 
 from __future__ import annotations
 
-import random
+import codecs
 import time
 import zlib
 
 import numpy as np
 
+from lalm import generate as gen
 from lalm.errors import ChatFormatError
-from lalm.serve.engine import Options, Prepared, Sampled
+from lalm.serve.engine import Options, Prepared, Update
 
 WORDS = [
     "<eos>", " I", " heard", " a", " voice", " saying", " hello", " music", " and", " some",
@@ -24,23 +26,47 @@ WORDS = [
 ]
 
 
+class _ByteDecoder:
+    """The tokenizer.StreamDecoder contract (push -> completed text, flush) over token bytes."""
+
+    def __init__(self, token_bytes):
+        self.token_bytes = token_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self._utf8.decode(self.token_bytes(token))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
 class FakeBackend:
-    model_name = "fake"
     max_context = 4096
-    eos_ids = frozenset({0})
+    stop_token_ids = frozenset({0})
 
     def __init__(self, step_delay_s: float = 0.0, min_tokens: int = 4, model_name: str = "fake"):
         self.step_delay_s = step_delay_s
-        self.min_tokens = min_tokens
+        self.min_tokens = min_tokens  # EOS is never picked before this many tokens
         self.model_name = model_name
-        self.rows: dict[int, dict] = {}
-        self.batch_sizes: list[int] = []  # rows per step, for tests
+        self.rows: dict[int, gen.Row] = {}
+        self.batch_sizes: list[int] = []  # rows per decode step, for tests
 
-    def prepare(self, conversation: list[dict], add_generation_prompt: bool = True) -> Prepared:
+    # --- the tokenizer face TextStream needs ---
+    def stream_decoder(self, skip_special_tokens: bool = True) -> _ByteDecoder:
+        return _ByteDecoder(self.token_bytes)
+
+    def token_bytes(self, token: int) -> bytes:
+        return b"" if token == 0 else WORDS[token].encode()
+
+    def token_text(self, token: int) -> str:
+        return self.token_bytes(token).decode("utf-8", errors="replace")
+
+    # --- Backend ---
+    def prepare(self, conversation: list[dict]) -> Prepared:
         crc, n = 0, 0
         for i, m in enumerate(conversation):
-            parts = m["content"] if isinstance(m["content"], list) else [
-                {"type": "text", "text": m["content"]}]
+            content = m["content"]
+            parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
             for part in parts:
                 if part["type"] == "audio":
                     if m["role"] == "system":
@@ -55,40 +81,43 @@ class FakeBackend:
             n += 4
         return Prepared(prompt=crc, prompt_tokens=n)
 
-    def _sample(self, key: int) -> Sampled:
-        row = self.rows[key]
-        opts: Options = row["options"]
-        h = row["crc"]
-        if len(row["out"]) >= self.min_tokens and h % 7 == 0:
-            token = 0
-        elif opts.temperature > 0:
-            token = row["rng"].randrange(1, len(WORDS))
-        else:
-            token = 1 + h % (len(WORDS) - 1)
-        row["out"].append(token)
-        row["crc"] = zlib.crc32(token.to_bytes(4, "little"), h)
-        top = [(token, -0.1)] + [(t, -3.0 - t / 10) for t in range(1, 6) if t != token]
-        return Sampled(token=token, logprob=-0.1, top=top)
+    def can_add(self, rows: list[tuple[Prepared, Options]]) -> bool:
+        return True
 
-    def add(self, rows: list[tuple[int, Prepared, Options]]) -> dict[int, Sampled]:
+    def add(self, rows: list[tuple[int, Prepared, Options]]) -> dict[int, Update]:
         time.sleep(self.step_delay_s)
-        for key, prepared, opts in rows:
-            seed = opts.seed if opts.seed is not None else random.randrange(2**31)
-            self.rows[key] = {
-                "crc": prepared.prompt, "options": opts, "out": [], "rng": random.Random(seed)}
-        return {key: self._sample(key) for key, _, _ in rows}
+        for key, prepared, o in rows:
+            options = gen.SamplingOptions(
+                max_new_tokens=o.max_new_tokens, temperature=o.temperature or 0.0,
+                top_p=o.top_p or 1.0, seed=o.seed, stop=o.stop, stop_token_ids=(0,))
+            row = gen.Row(options=options, key=prepared.prompt, stream=gen.TextStream(self))
+            row.prompt_ids = [0] * prepared.prompt_tokens
+            row.max_new_tokens = min(o.max_new_tokens, self.max_context - prepared.prompt_tokens)
+            self.rows[key] = row
+        return {key: self._next(key) for key, _, _ in rows}
 
-    def step(self) -> dict[int, Sampled]:
+    def step(self) -> dict[int, Update]:
         time.sleep(self.step_delay_s)
         self.batch_sizes.append(len(self.rows))
-        return {key: self._sample(key) for key in list(self.rows)}
+        return {key: self._next(key) for key in list(self.rows)}
 
     def remove(self, keys: list[int]) -> None:
         for k in keys:
             self.rows.pop(k, None)
 
-    def decode(self, ids: list[int]) -> str:
-        return "".join(WORDS[i] for i in ids if i != 0)
+    def _pick(self, row: gen.Row) -> int:
+        h = row.key  # running hash of the row's prompt and tokens
+        if len(row.tokens) >= self.min_tokens and h % 7 == 0:
+            return 0
+        if not row.options.greedy:
+            return 1 + int(row.generator.initial_seed() + len(row.tokens) * 7919) % (len(WORDS) - 1)
+        return 1 + h % (len(WORDS) - 1)
 
-    def token_text(self, token: int) -> str:
-        return WORDS[token]
+    def _next(self, key: int) -> Update:
+        row = self.rows[key]
+        token = self._pick(row)
+        row.key = zlib.crc32(token.to_bytes(4, "little"), row.key)
+        context_left = self.max_context - len(row.prompt_ids) - len(row.tokens) - 1
+        row.accept(token, -0.1, context_left)
+        top = [(token, -0.1)] + [(t, -3.0 - t / 10) for t in range(1, 6) if t != token]
+        return Update(token, -0.1, row.take_text(), row.finish_reason, len(row.tokens), top)
