@@ -20,7 +20,7 @@ SR = A.SAMPLE_RATE
 def speechy(seconds: float, seed: int = 0, rate: int = SR) -> np.ndarray:
     """Tone + noise with a syllable-like envelope and exact-zero gaps, so the max-8 floor is active."""
     rng = np.random.default_rng(seed)
-    n = int(round(seconds * rate))
+    n = round(seconds * rate)
     t = np.arange(n) / rate
     env = np.clip(np.sin(2 * np.pi * 1.7 * t), 0, None) ** 2
     x = env * (0.4 * np.sin(2 * np.pi * 220 * t) + 0.1 * rng.standard_normal(n))
@@ -85,7 +85,7 @@ def test_silence_gives_the_floor(extractor):
 def test_frame_and_token_counts():
     assert A.num_frames(1) == 1 and A.num_frames(160) == 1 and A.num_frames(161) == 2
     assert A.num_frames(A.N_SAMPLES) == 3000 and A.num_frames(10 * A.N_SAMPLES) == 3000
-    assert [A.num_audio_tokens(f) for f in range(0, 8)] == [0, 0, 0, 1, 1, 1, 1, 2]
+    assert [A.num_audio_tokens(f) for f in range(8)] == [0, 0, 0, 1, 1, 1, 1, 2]
     assert A.num_audio_tokens(3000) == 750
     # spec: glass-breaking-151256.mp3 gives 101 tokens: L_mel 403..406 -> 101
     assert [A.num_audio_tokens(f) for f in (402, 403, 406, 407)] == [100, 101, 101, 102]

@@ -13,7 +13,13 @@ import json
 import pytest
 
 from lalm.errors import ConfigError
-from lalm.tokenizer import SPECIAL_TOKENS, QWEN2_PATTERN, Tokenizer, qwen2_audio_tokenizer_from_tiktoken, train_bpe
+from lalm.tokenizer import (
+    QWEN2_PATTERN,
+    SPECIAL_TOKENS,
+    Tokenizer,
+    qwen2_audio_tokenizer_from_tiktoken,
+    train_bpe,
+)
 
 TEXTS = [
     "Hello world! How are you doing today?",

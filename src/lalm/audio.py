@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import io
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -279,6 +278,18 @@ def features(src: Any, n_mels: int = 128) -> list[tuple[torch.Tensor, int]]:
 
 
 __all__ = [
-    "SAMPLE_RATE", "N_FFT", "HOP_LENGTH", "CHUNK_SECONDS", "N_SAMPLES", "N_FRAMES", "EXTRA_FRAMES",
-    "load_audio", "split_windows", "log_mel", "mel_filters", "num_frames", "num_audio_tokens", "features",
+    "CHUNK_SECONDS",
+    "EXTRA_FRAMES",
+    "HOP_LENGTH",
+    "N_FFT",
+    "N_FRAMES",
+    "N_SAMPLES",
+    "SAMPLE_RATE",
+    "features",
+    "load_audio",
+    "log_mel",
+    "mel_filters",
+    "num_audio_tokens",
+    "num_frames",
+    "split_windows",
 ]

@@ -13,8 +13,9 @@ the logits at t.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -47,7 +48,7 @@ class Batch:
     mel_frames: torch.Tensor | None = None  # (A,) long, valid frames of each window
     labels: torch.Tensor | None = None  # (B, T) long, target of position t (= token t+1) or -100
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return Batch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
 

@@ -19,8 +19,8 @@ import base64
 import codecs
 import functools
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
@@ -127,13 +127,13 @@ class Tokenizer:
     def _added_ids(self) -> frozenset[int]:
         return frozenset(self.tk.get_added_tokens_decoder())
 
-    def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
+    def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens)
 
     # ------------------------------------------------------------------ load / save
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         """From a folder (or file) with tokenizer.json, or vocab.json + merges.txt (+ tokenizer_config.json)."""
         path = Path(path)
         if path.is_file():
