@@ -79,7 +79,7 @@ def test_fleurs(tmp_path):
 def test_aishell2(tmp_path):
     for device in ("iOS", "Android", "Mic"):
         d = tmp_path / "AISHELL-2-EVAL" / device / "test"
-        _write(d / "wav.scp", f"IT0011W0001 wav/IT0011W0001.wav\n")
+        _write(d / "wav.scp", "IT0011W0001 wav/IT0011W0001.wav\n")
         _write(d / "trans.txt", "IT0011W0001\t换一首歌\n")
         _tone(d / "wav" / "IT0011W0001.wav")
     assert adapters.detect(tmp_path) == "aishell2"

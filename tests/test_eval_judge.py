@@ -7,6 +7,7 @@ import json
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 
@@ -16,7 +17,7 @@ from lalm.eval.judge import Judge, JudgeConfig, judge_prompt, parse_scores, scor
 class StubJudge:
     """Scores each answer by a fixed table; scripted malformed replies per question."""
 
-    QUALITY = {"REF-GOOD": 9, "REF-OK": 7, "PRED-GREAT": 8, "PRED-BAD": 2, "PRED-MID": 5}
+    QUALITY: ClassVar[dict] = {"REF-GOOD": 9, "REF-OK": 7, "PRED-GREAT": 8, "PRED-BAD": 2, "PRED-MID": 5}
 
     def __init__(self):
         self.requests: list[dict] = []
@@ -25,9 +26,9 @@ class StubJudge:
 
     def reply(self, body: dict) -> str:
         content = body["messages"][0]["content"]
-        a1 = re.search(r"Assistant 1s Answer\]\n(.*?)\n\[The End", content, re.S).group(1)
-        a2 = re.search(r"Assistant 2s Answer\]\n(.*?)\n\[The End", content, re.S).group(1)
-        question = re.search(r"\[Question\]\n(.*?)\n\[The Start", content, re.S).group(1)
+        a1 = re.search(r"Assistant 1s Answer\]\n(.*?)\n\[The End", content, re.DOTALL).group(1)
+        a2 = re.search(r"Assistant 2s Answer\]\n(.*?)\n\[The End", content, re.DOTALL).group(1)
+        question = re.search(r"\[Question\]\n(.*?)\n\[The Start", content, re.DOTALL).group(1)
         with self.lock:
             self.requests.append({"a1": a1, "a2": a2, "question": question, "model": body["model"],
                                   "temperature": body["temperature"], "max_tokens": body["max_tokens"]})
@@ -44,7 +45,7 @@ def stub_server():
     stub = StubJudge()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 (http.server API)
+        def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             assert self.path == "/v1/chat/completions"
             assert self.headers["Authorization"] == "Bearer test-key"

@@ -10,7 +10,13 @@ from whisper_normalizer.basic import BasicTextNormalizer
 from whisper_normalizer.english import EnglishTextNormalizer
 
 from lalm.eval import metrics
-from lalm.eval.normalize import chinese_text_norm, evaluation_tokenize, num2chn, remove_sp, wer_tokens
+from lalm.eval.normalize import (
+    chinese_text_norm,
+    evaluation_tokenize,
+    num2chn,
+    remove_sp,
+    wer_tokens,
+)
 
 EN = [
     ("<|en|>Mr. Smith paid $20 for twenty-one apples.", "mister smith paid twenty dollars for 21 apple"),

@@ -113,9 +113,9 @@ def num2chn(number: str, alt_two: bool = True, use_units: bool = True) -> str:
                 # 两 before 百/千/万/亿... when the 2 does not follow 十 ("两千", but "二十", "十二").
                 nxt = symbols[i + 1] if i + 1 < len(symbols) else None
                 prev = symbols[i - 1] if i > 0 else None
-                if isinstance(nxt, tuple) and (prev is None or isinstance(prev, tuple)):
-                    if nxt[1] != 1 and (prev is None or prev[1] != 1):
-                        char = "两"
+                before_unit = isinstance(nxt, tuple) and nxt[1] != 1
+                if before_unit and (prev is None or (isinstance(prev, tuple) and prev[1] != 1)):
+                    char = "两"
             out.append(char)
         elif isinstance(s, tuple):
             out.append(s[2])

@@ -94,8 +94,8 @@ def markdown(results: dict[str, dict], title: str = "lalm eval") -> str:
                          f"{_fmt(r['ours'], r['metric'])} | {_fmt(r.get('ours_lenient'), r['metric'])} | "
                          f"{_fmt(r['paper'], r['metric'])} | {_fmt(r['hf_converted'], r['metric'])} |")
         lines.append("")
-    lines += ["Paper: Qwen2-Audio Table 2; HF-converted: the official README's second table. "
-              "WER in percent; accuracy as a fraction.", ""]
+    lines += [("Paper: Qwen2-Audio Table 2; HF-converted: the official README's second table. "
+               "WER in percent; accuracy as a fraction."), ""]
     return "\n".join(lines)
 
 

@@ -96,7 +96,7 @@ def shard(items: list, rank: int, world: int) -> list:
 
 def _generate(lm, items: list[EvalItem], cfg: RunConfig) -> list[tuple[str, str | None]]:
     convs = [conversation(it, cfg.prompt_style) for it in items]
-    kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=0, min_new_tokens=1, batch_size=cfg.batch_size)
+    kw = {"max_new_tokens": cfg.max_new_tokens, "temperature": 0, "min_new_tokens": 1, "batch_size": cfg.batch_size}
     try:
         return [(r.text, None) for r in lm.generate(convs, **kw)]
     except LalmError:
@@ -142,8 +142,7 @@ def generate_predictions(lm, items: list[EvalItem], path: str | Path, cfg: RunCo
     with open(out_path, "a", encoding="utf-8") as f:
         for s in range(0, len(todo), cfg.batch_size):
             chunk = todo[s : s + cfg.batch_size]
-            for item, (text, error) in zip(chunk, _generate(lm, chunk, cfg), strict=True):
-                f.write(json.dumps(prediction_record(item, text, error), ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(prediction_record(item, text, error), ensure_ascii=False) + "\n" for item, (text, error) in zip(chunk, _generate(lm, chunk, cfg), strict=True))
             f.flush()
             bar.update(len(chunk))
     bar.close()
