@@ -172,6 +172,9 @@ def test_lalm_manifests_folder(tmp_path):
     assert adapters.detect(tmp_path / "eval") == "manifests"
     items = adapters.load(tmp_path / "eval")
     assert [(it.task, it.reference) for it in items] == [("asr", "hello there"), ("voice_chat", "4")]
+    # Grouped by eval set (the file), provenance kept beside.
+    assert [(it.source, it.extra["origin"]) for it in items] == [("asr_dev", "piper_joe"),
+                                                               ("voice_chat_dev", "piper_joe_chat")]
     audio = items[1].messages[0]["content"][0]["audio"]
     assert Path(audio).is_absolute() and Path(audio).is_file()
     assert len(items[1].messages) == 1  # the answer is the reference, not part of the prompt

@@ -304,7 +304,12 @@ def _jsonl(path: Path):
 
 
 def _resolve_audio(messages: list, base: Path) -> list[str]:
-    """Make audio paths absolute (manifests store them relative to the file); list them."""
+    """Make audio paths absolute and list them.
+
+    Manifests store paths relative to the file; a path that only exists relative to the
+    folder above (the corpus root, for DIR/eval/*.jsonl written with DIR-relative paths) is
+    taken from there.
+    """
     found = []
     for msg in messages:
         content = msg.get("content")
@@ -315,14 +320,18 @@ def _resolve_audio(messages: list, base: Path) -> list[str]:
                 key = "audio" if "audio" in part else "audio_url"
                 value = part.get(key)
                 if isinstance(value, str) and not Path(value).is_absolute() and "://" not in value:
-                    part[key] = str((base / value).resolve())
+                    here, above = base / value, base.parent / value
+                    part[key] = str((above if not here.exists() and above.exists() else here).resolve())
                 if isinstance(part.get(key), str):
                     found.append(part[key])
     return found
 
 
 def manifest(path: Path) -> list[EvalItem]:
-    """lalm's eval manifests: the conversation to answer plus `reference` (or a final assistant turn)."""
+    """lalm's eval manifests: the conversation to answer plus `reference` (or a final assistant turn).
+
+    The item's source is the set's name (the file stem), so a report has one row per eval set.
+    """
     items = []
     for n, row in _jsonl(path):
         messages = row.get("messages")
@@ -338,10 +347,13 @@ def manifest(path: Path) -> list[EvalItem]:
         if reference is None:
             raise ConfigError(f"{path}:{n}: no 'reference' and no final assistant turn")
         audio = _resolve_audio(messages, path.parent)
+        # Scores group by eval set (the file), not by the line's provenance ("sonic-pi:bd_zum.flac"
+        # would make one group per recording); the provenance stays in extra["origin"].
         items.append(EvalItem(
-            id=str(row.get("id", n)), source=str(row.get("source", path.stem)),
+            id=str(row.get("id", n)), source=path.stem,
             task=str(row.get("task", path.stem)), lang=str(row.get("lang") or "en"), audio=audio,
             reference=str(reference), messages=messages, question=row.get("question"),
+            extra={"origin": str(row.get("source", ""))},
         ))
     return items
 

@@ -112,12 +112,17 @@ def chart(results: dict[str, dict], path: str | Path) -> Path:
                              squeeze=False)
     for ax, kind in zip(axes[:, 0], kinds, strict=True):
         sel = [r for r in rows if r["metric"] == kind]
-        xs = range(len(sel))
-        ax.bar([x - 0.2 for x in xs], [r["ours"] for r in sel], width=0.4, label="lalm")
-        ax.bar([x + 0.2 for x in xs], [r["paper"] or 0 for r in sel], width=0.4, label="paper (Table 2)")
-        ax.set_xticks(list(xs), [r["label"] for r in sel], rotation=30, ha="right", fontsize=8)
+        xs = list(range(len(sel)))
+        if any(r["paper"] is not None for r in sel):
+            ax.bar([x - 0.2 for x in xs], [r["ours"] for r in sel], width=0.4, label="lalm")
+            ax.bar([x + 0.2 for x in xs], [r["paper"] or 0 for r in sel], width=0.4, label="paper (Table 2)")
+            ax.legend(fontsize=8)
+        else:  # lalm's own sets: nothing to compare with
+            ax.bar(xs, [r["ours"] for r in sel], width=0.5, label="lalm")
+        if kind == "ACC":
+            ax.set_ylim(0, 1)
+        ax.set_xticks(xs, [r["label"] for r in sel], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(kind)
-        ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)

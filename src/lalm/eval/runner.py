@@ -59,6 +59,8 @@ def prediction_record(item: EvalItem, prediction: str, error: str | None = None)
         rec["question"] = item.question or ""
     if item.meta_info is not None:
         rec["meta_info"] = item.meta_info
+    if item.extra.get("origin"):
+        rec["origin"] = item.extra["origin"]
     if error is not None:
         rec["error"] = error
     return rec
