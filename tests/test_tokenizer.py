@@ -164,3 +164,14 @@ def test_train_bpe(tmp_path):
     assert hf("hello <|AUDIO|> world", add_special_tokens=False)["input_ids"] == tok.encode("hello <|AUDIO|> world")
     with pytest.raises(ConfigError, match="too small"):
         train_bpe(corpus, vocab_size=100)
+
+
+def test_stream_decoder_equals_decode_on_every_prefix(qwen):
+    # prefixes that end inside a character: flush() gives the same U+FFFD as decode()
+    ids = qwen.encode("𝔘𝔫 🎉x")
+    assert any(not _valid_utf8(qwen.token_bytes(i)) for i in ids)
+    for cut in range(1, len(ids) + 1):
+        sd = qwen.stream_decoder()
+        assert "".join(sd.push(i) for i in ids[:cut]) + sd.flush() == qwen.decode(ids[:cut])
+    sd = qwen.stream_decoder()
+    assert "".join(sd.push(i) for i in ids[:1] + ids[-1:]) + sd.flush() == qwen.decode(ids[:1] + ids[-1:]) == "\ufffdx"
