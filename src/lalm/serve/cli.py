@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="completion length when a request does not set max_tokens")
     p.add_argument("--asr-prompt", default="Transcribe this audio.",
                    help="instruction used by /v1/audio/transcriptions")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="KV-cache tokens per row (prompt + answer; default min(context, 4096))")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--shutdown-grace", type=float, default=30.0)
@@ -71,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         from lalm.serve.backend import LALMBackend
 
         backend = LALMBackend.load(args.model, dtype=args.dtype, device=args.device,
-                                   max_batch=args.max_batch, name=args.served_model_name)
+                                   max_batch=args.max_batch, max_model_len=args.max_model_len,
+                                   name=args.served_model_name)
     else:
         raise ConfigError("--model PATH is required (or --fake)")
     config = ServerConfig(

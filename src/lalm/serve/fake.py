@@ -11,8 +11,10 @@ the same wall time whatever the batch size, like a memory-bound decoder.
 from __future__ import annotations
 
 import codecs
+import json
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 
@@ -121,3 +123,39 @@ class FakeBackend:
         row.accept(token, -0.1, context_left)
         top = [(token, -0.1)] + [(t, -3.0 - t / 10) for t in range(1, 6) if t != token]
         return Update(token, -0.1, row.take_text(), row.finish_reason, len(row.tokens), top)
+
+
+def tiny_random_checkpoint(folder: str | Path, seed: int = 0, vocab_size: int = 512) -> Path:
+    """A loadable checkpoint folder with random weights and a small trained BPE: a real model
+    for serving tests and bench/serve.py that costs nothing to build (no transformers)."""
+    import torch
+    from wordfreq import top_n_list
+
+    from lalm.config import ModelConfig
+    from lalm.model import Qwen2AudioForConditionalGeneration
+    from lalm.tokenizer import train_bpe
+    from lalm.weights import save_checkpoint
+
+    folder = Path(folder)
+    words = top_n_list("en", 3000)
+    tok = train_bpe([" ".join(words[i:i + 12]) for i in range(0, len(words), 7)], vocab_size)
+    eos = [tok.im_end_id, tok.endoftext_id]
+    config = ModelConfig.preset(
+        "tiny", audio_token_index=tok.audio_id,
+        text={"vocab_size": vocab_size, "extra": {"bos_token_id": eos[1], "eos_token_id": eos[0]}})
+    g = torch.Generator().manual_seed(seed)
+    model = Qwen2AudioForConditionalGeneration(config)
+    with torch.no_grad():
+        # O(1)-scale weights: a 0.02 init makes every logit ~0 and greedy ties everywhere.
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            elif "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    save_checkpoint(model, folder)
+    tok.save(folder)
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": eos, "pad_token_id": eos[1], "do_sample": False}))
+    return folder

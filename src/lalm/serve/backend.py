@@ -1,0 +1,125 @@
+"""The engine's `Backend` on a real model: rows live in one `lalm.generate.DecodeState`.
+
+No decode loop here: `DecodeState.start/add` prefill new rows (audio encoded once) and slot
+them into the running batch, `step` decodes one token for every live row, `pop_finished`
+frees slots; `Row` samples, stops and builds the text. This file only maps the engine's
+request keys and OpenAI options onto those pieces (sampling defaults come from the
+checkpoint's generation_config.json through `LALM.options`, as for `lalm chat`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lalm import generate as gen
+from lalm.processor import collate
+from lalm.serve.engine import Options, Prepared, Update
+
+DEFAULT_MAX_MODEL_LEN = 4096  # KV-cache columns per row unless --max-model-len says otherwise
+
+
+class LALMBackend:
+    def __init__(self, lalm, max_batch: int = 32, max_model_len: int | None = None,
+                 name: str | None = None):
+        self.lalm = lalm
+        self.max_batch = max_batch
+        limit = lalm.config.text.max_position_embeddings
+        self.max_context = min(limit, max_model_len or DEFAULT_MAX_MODEL_LEN)
+        self.stop_token_ids = frozenset(lalm.defaults.eos_token_ids)
+        path = getattr(lalm, "path", None)
+        self.model_name = name or (Path(path).name if path else "lalm")
+        self.state: gen.DecodeState | None = None
+        self.top_n: dict[int, int] = {}  # key -> top_logprobs wanted
+        self.top: dict[int, list[tuple[int, float]]] = {}  # key -> this step's best tokens
+        backend = self
+
+        class State(gen.DecodeState):
+            # Records the best alternatives (OpenAI's top_logprobs) from the same logits the
+            # row samples from; DecodeState keeps only the chosen token's log-prob.
+            def _accept(self, logits: torch.Tensor, slots: range) -> None:
+                backend._record_top(self, logits, slots)
+                super()._accept(logits, slots)
+
+        self._state_cls = State
+
+    @classmethod
+    def load(cls, path, dtype=None, device=None, max_batch: int = 32,
+             max_model_len: int | None = None, name: str | None = None) -> LALMBackend:
+        import lalm
+
+        return cls(lalm.load(path, dtype=dtype, device=device), max_batch, max_model_len, name)
+
+    # ---- per request (worker threads) ----
+    def prepare(self, conversation: list[dict]) -> Prepared:
+        example = self.lalm.prepare(conversation)
+        return Prepared(prompt=example, prompt_tokens=len(example))
+
+    def token_text(self, token: int) -> str:
+        return self.lalm.tokenizer.token_bytes(int(token)).decode("utf-8", errors="replace")
+
+    # ---- engine thread ----
+    def can_add(self, rows: list[tuple[Prepared, Options]]) -> bool:
+        if self.state is None or self.state.n == 0:
+            return len(rows) <= self.max_batch
+        longest = max(p.prompt_tokens for p, _ in rows)
+        budget = max(o.max_new_tokens for _, o in rows)
+        return self.state.fits(longest, budget, len(rows))
+
+    def _row(self, key: int, prepared: Prepared, o: Options) -> gen.Row:
+        options = self.lalm.options(
+            max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=o.top_p,
+            seed=o.seed, stop=list(o.stop) or None)
+        if o.top_logprobs:
+            self.top_n[key] = o.top_logprobs
+        return gen.Row(options=options, key=key, audio_tokens=prepared.prompt.audio_tokens,
+                       stream=gen.TextStream(self.lalm.tokenizer))
+
+    def add(self, rows: list[tuple[int, Prepared, Options]]) -> dict[int, Update]:
+        batch = collate([p.prompt for _, p, _ in rows], self.lalm.tokenizer.pad_id)
+        new = [self._row(key, p, o) for key, p, o in rows]
+        if self.state is None or self.state.n == 0:
+            # A fresh cache sized for the whole batch; later rows are slotted into it.
+            self.state = self._state_cls.start(self.lalm.model, batch, new,
+                                               max_rows=self.max_batch, max_len=self.max_context)
+        else:
+            self.state.add(batch, new)
+        return self._updates(new)
+
+    def step(self) -> dict[int, Update]:
+        self.state.step()
+        return self._updates(self.state.rows)
+
+    def remove(self, keys: list[int]) -> None:
+        if self.state is None:
+            return
+        gone = set(keys)
+        for row in self.state.rows:
+            if row.key in gone and row.finish_reason is None:
+                row.finish("abort")
+        self.state.pop_finished()
+        for k in keys:
+            self.top_n.pop(k, None)
+            self.top.pop(k, None)
+
+    def _updates(self, rows: list[gen.Row]) -> dict[int, Update]:
+        return {
+            row.key: Update(
+                token=row.tokens[-1], logprob=row.logprobs[-1], text=row.take_text(),
+                finish=row.finish_reason, completion_tokens=len(row.tokens),
+                top=self.top.get(row.key, []))
+            for row in rows
+        }
+
+    def _record_top(self, state: gen.DecodeState, logits: torch.Tensor, slots: range) -> None:
+        if not self.top_n:
+            return
+        k = max(self.top_n.values())
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+        for i, slot in enumerate(slots):
+            key = state.rows[slot].key
+            if key in self.top_n:
+                n = self.top_n[key]
+                self.top[key] = list(zip(ids[i, :n].tolist(), values[i, :n].tolist()))
