@@ -138,6 +138,12 @@ def test_exact_and_lenient_accuracy():
     assert metrics.exact_accuracy(refs, hyps) == 0.25  # lstrip only, case matters, as sklearn on raw strings
     # lenient: the first label named counts; "anger" comes before "sadness" in the last answer.
     assert metrics.lenient_accuracy(refs, hyps) == 0.75
+    # Inflections and everyday words for a label count; a different label named first does not.
+    labels = ["Sneeze", "Cough", "Throat clearing", "joy", "sadness"]
+    assert metrics.lenient_accuracy(
+        ["Sneeze", "Throat clearing", "joy", "sadness", "Cough"],
+        ["Someone is sneezing.", "a person clearing their throat, then a cough", "She sounds happy!",
+         "sad", "It is a sneeze, not a cough."], labels) == 0.8
 
 
 def test_short_answer_match_normalises_numbers_and_punctuation():

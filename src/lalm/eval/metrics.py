@@ -78,13 +78,32 @@ def exact_accuracy(refs: list[str], hyps: list[str]) -> float:
     return sum(r == h.lstrip() for r, h in zip(refs, hyps, strict=True)) / len(refs)
 
 
+# Other words a free answer uses for a label (MELD's emotions, VocalSound's classes),
+LABEL_SYNONYMS = {
+    "joy": ["happy", "happiness", "joyful", "excited"], "sadness": ["sad", "unhappy"],
+    "anger": ["angry", "annoyed", "frustrated"], "surprise": ["surprised", "amazed"],
+    "fear": ["afraid", "scared", "fearful", "anxious"], "disgust": ["disgusted"], "neutral": ["calm"],
+    "laughter": ["laugh", "laughing", "laughs"], "throat clearing": [r"clear\w*(?: \w+)? throat"],
+}  # regular expressions, matched as whole words
+
+
+def _label_pattern(label: str) -> str:
+    """A label, its plural/-ed/-ing forms ("sneezes", "sneezing") and its synonyms, as whole words."""
+    low = label.lower()
+    forms = [re.escape(low) + r"(?:s|es|d|ed|ing)?"]
+    if low.endswith("e"):
+        forms.append(re.escape(low[:-1]) + "ing")
+    forms += LABEL_SYNONYMS.get(low, [])
+    return r"(?<!\w)(?:" + "|".join(forms) + r")(?!\w)"
+
+
 def _first_label(answer: str, labels: list[str]) -> str | None:
     """The label named earliest in a free answer (whole words, case-insensitive)."""
     best, best_at = None, None
     low = answer.lower()
     # Longer labels first, so "throat clearing" wins over a shorter label inside it.
     for label in sorted(labels, key=len, reverse=True):
-        m = re.search(r"(?<!\w)" + re.escape(label.lower()) + r"(?!\w)", low)
+        m = re.search(_label_pattern(label), low)
         if m and (best_at is None or m.start() < best_at):
             best, best_at = label, m.start()
     return best
