@@ -146,7 +146,7 @@ def test_defaults_equal_transformers():
 
 def test_our_config_reads_the_same_in_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
-    config = ModelConfig.preset("tiny", text={"rope_theta": 5e5, "head_dim": 16})
+    config = ModelConfig.preset("test-tiny", text={"rope_theta": 5e5, "head_dim": 16})
     config.save(tmp_path)
     theirs = transformers.AutoConfig.from_pretrained(str(tmp_path))
     assert theirs.model_type == "qwen2_audio"
@@ -218,8 +218,8 @@ def test_bad_files_and_presets(tmp_path):
 
 
 def test_preset_overrides_and_param_count():
-    tiny = ModelConfig.preset("tiny", text={"num_hidden_layers": 3}, audio_token_index=7)
+    tiny = ModelConfig.preset("test-tiny", text={"num_hidden_layers": 3}, audio_token_index=7)
     assert tiny.text.num_hidden_layers == 3 and tiny.audio_token_index == 7
-    assert PRESETS["tiny"].text.num_hidden_layers == 2  # the table itself is untouched
+    assert PRESETS["test-tiny"].text.num_hidden_layers == 2  # the table itself is untouched
     assert isinstance(tiny.audio, AudioConfig)
     assert 8.39e9 < ModelConfig.preset("qwen2-audio-7b").num_parameters() < 8.41e9

