@@ -5,6 +5,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+const MIC_ICON = $("record").innerHTML;
+const STOP_ICON = '<svg viewBox="0 0 24 24" width="20" height="20" aria-hidden="true"><rect x="6" y="6" width="12" height="12" rx="2" fill="currentColor"/></svg>';
 const state = {
   model: null,
   messages: [],      // OpenAI-style history sent with every turn
@@ -120,13 +122,13 @@ $("record").addEventListener("click", async () => {
   rec.onstop = async () => {
     stream.getTracks().forEach((t) => t.stop());
     state.recorder = null;
-    btn.classList.remove("recording"); btn.textContent = "🎤";
+    btn.classList.remove("recording"); btn.innerHTML = MIC_ICON;
     await attach(new Blob(chunks, { type: rec.mimeType }), "recording");
   };
   rec.start(250);
   state.recorder = rec;
-  btn.classList.add("recording"); btn.textContent = "■";
-  setStatus("recording… tap ■ to stop");
+  btn.classList.add("recording"); btn.innerHTML = STOP_ICON;
+  setStatus("recording… tap the button again to stop");
 });
 
 $("file").addEventListener("change", async (ev) => {
