@@ -168,6 +168,10 @@ def test_eval_on_the_corpus_dev_sets_reports_every_task(tmp_path, monkeypatch, c
     assert main(["eval", "score", "--task", "auto", "--predictions", str(out / "predictions.jsonl"), "--json"]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["metrics"]["voice_chat/accuracy"] == 1.0 and again["metrics"]["asr/wer"] == 0.0
+    # Restarting into the same folder with other settings would mix predictions: refused.
+    assert main(["eval", "--model", "stub", "--data", str(tmp_path / "corpus" / "eval"), "--output", str(out),
+                 "--prompt-style", "base", "--no-progress"]) == 2
+    assert "holds predictions of another run" in capsys.readouterr().err
 
 
 def test_report_puts_the_paper_beside_ours(tmp_path):

@@ -121,6 +121,22 @@ def _device(arg: str | None) -> str | None:
     return None
 
 
+def _check_same_run(out: Path, settings: dict) -> None:
+    """A restart must not mix predictions made with other settings into one file."""
+    file = out / "run.json"
+    if file.exists():
+        try:
+            before = json.loads(file.read_text())
+        except json.JSONDecodeError:
+            before = None
+        if before != settings:
+            raise ConfigError(f"{out} holds predictions of another run ({file}: {before}); "
+                              "use another --output or delete the folder")
+    elif int(os.environ.get("RANK", "0")) == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps(settings, indent=2))
+
+
 def _run(args) -> int:
     import lalm
     from lalm.eval import adapters, report
@@ -131,8 +147,11 @@ def _run(args) -> int:
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
     items = adapters.load(args.data, benchmark=args.benchmark, task=args.task, limit=args.limit)
-    lm = lalm.load(args.model, dtype=args.dtype, device=_device(args.device))
     out = Path(args.output)
+    _check_same_run(out, {"model": str(args.model), "data": str(Path(args.data).resolve()),
+                          "prompt_style": args.prompt_style, "max_new_tokens": args.max_new_tokens,
+                          "dtype": args.dtype})
+    lm = lalm.load(args.model, dtype=args.dtype, device=_device(args.device))
     cfg = RunConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                     prompt_style=args.prompt_style, progress=not args.no_progress)
     records = generate_predictions(lm, items, out / "predictions.jsonl", cfg)
