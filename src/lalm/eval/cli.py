@@ -167,4 +167,11 @@ def _run(args) -> int:
 
 
 def run(args) -> int:
-    return _score(args) if args.action == "score" else _run(args)
+    if args.action == "score":
+        return _score(args)
+    try:
+        return _run(args)
+    finally:
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
