@@ -351,6 +351,10 @@ class Trainer:
                    desc=f"{cfg.stage}", unit="step", dynamic_ncols=True)
         last, t0, seen = {}, time.perf_counter(), 0
         try:
+            if self.eval_data is not None and cfg.eval_every and self.start_step == 0:
+                row = {"step": 0, **self.evaluate(self.eval_data, getattr(self, "eval_ref", None))}
+                if writer:
+                    writer.log(row)  # the starting point of the eval curves
             for step in range(self.start_step, cfg.max_steps):
                 row = self.train_step(step)
                 seen += row["tokens"]

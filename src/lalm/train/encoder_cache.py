@@ -1,0 +1,160 @@
+"""Frozen-encoder feature cache: encode every clip once, train the projector and decoder many times.
+
+With the audio encoder frozen, its output for a clip never changes, yet on a CPU it costs as
+much as a decoder training pass. So `FeatureCache` runs `audio_tower` once per audio file and
+stores the kept rows (the `num_audio_tokens` vectors per window, after AvgPool and LayerNorm,
+*before* the projector) on disk:
+
+    DIR/features.safetensors   one (sum N, d_model) fp16 tensor per shard, "shard_<k>"
+    DIR/index.json             {"fingerprint": ..., "n_mels": 80, "d_model": 384,
+                                "items": {path: [shard, offset, n_tokens]}}
+
+The fingerprint hashes the encoder's weights, so a cache built with other weights is never
+reused. Clips are encoded in batches of similar length (less padding). Long audio (> 30 s)
+is split into windows exactly as `processor.audio_windows` does, and its windows' rows are
+concatenated in order, which is what `model.encode_audio` gives before the projector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lalm import audio as A
+from lalm.errors import AudioError, CheckpointError
+from lalm.processor import audio_windows
+
+INDEX = "index.json"
+FEATURES = "features.safetensors"
+
+
+def encoder_fingerprint(tower: torch.nn.Module) -> str:
+    """A short hash of the encoder's weights (names, shapes and values)."""
+    h = hashlib.sha256()
+    for name, t in sorted(tower.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_windows(tower: torch.nn.Module, mels: list[torch.Tensor], frames: list[int]) -> list[torch.Tensor]:
+    """mel windows (n_mels, F_i) with L_mel_i valid frames -> kept rows (N_i, d) per window."""
+    F = max(m.shape[1] for m in mels)
+    mel = torch.zeros(len(mels), mels[0].shape[0], F)  # (A, n_mels, F) right padded
+    for i, m in enumerate(mels):
+        mel[i, :, : m.shape[1]] = m
+    x = tower(mel, torch.tensor(frames))  # (A, P, d)
+    return [x[i, : A.num_audio_tokens(f)] for i, f in enumerate(frames)]
+
+
+class FeatureCache:
+    """Encoder outputs per audio path, persisted under `folder`."""
+
+    def __init__(self, folder: str | Path, tower: torch.nn.Module, n_mels: int):
+        self.folder = Path(folder)
+        self.tower = tower.eval()
+        self.n_mels = n_mels
+        self.d_model = int(tower.layer_norm.weight.shape[0])
+        self.fingerprint = encoder_fingerprint(tower)
+        self.items: dict[str, tuple[int, int, int]] = {}
+        self.shards: list[torch.Tensor] = []
+        self._load()
+
+    def _load(self) -> None:
+        index = self.folder / INDEX
+        if not index.is_file():
+            return
+        try:
+            meta = json.loads(index.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{index}: not valid JSON ({e}); delete the folder to rebuild") from None
+        if (meta.get("fingerprint"), meta.get("n_mels"), meta.get("d_model")) != (
+                self.fingerprint, self.n_mels, self.d_model):
+            return  # another encoder: start afresh (the files are rewritten on save)
+        tensors = load_file(str(self.folder / FEATURES))
+        self.shards = [tensors[f"shard_{k}"] for k in range(len(tensors))]
+        self.items = {p: tuple(v) for p, v in meta["items"].items()}
+
+    def __contains__(self, path: str) -> bool:
+        return str(path) in self.items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get(self, path: str) -> torch.Tensor:
+        """(N, d_model) fp16 rows of one audio file."""
+        shard, off, n = self.items[str(path)]
+        return self.shards[shard][off: off + n]
+
+    def tokens(self, path: str) -> int:
+        return self.items[str(path)][2]
+
+    def add(self, paths: Iterable[str], batch_seconds: float = 60.0, progress: bool = True,
+            desc: str = "encoding audio") -> int:
+        """Encode the paths not cached yet (batches of ~batch_seconds of audio); returns how many."""
+        todo = sorted({str(p) for p in paths} - set(self.items))
+        if not todo:
+            return 0
+        import soundfile as sf
+        from tqdm import tqdm
+
+        def seconds(p: str) -> float:
+            try:
+                info = sf.info(p)
+                return info.frames / info.samplerate
+            except RuntimeError:  # raw PCM and the like: load_audio knows them
+                return len(A.load_audio(p)) / A.SAMPLE_RATE
+
+        todo.sort(key=seconds)  # similar lengths together: less padding
+        rows, out, pos = [], [], 0
+        bar = tqdm(total=len(todo), desc=desc, unit="clip", disable=not progress)
+        i = 0
+        while i < len(todo):
+            # the longest clip in a batch bounds its padded cost: ~batch_seconds of padded audio
+            per = max(1, int(batch_seconds / max(min(seconds(todo[i]), 30.0), 0.5)))
+            group = []
+            for p in todo[i: i + per]:
+                mels, frames, _ = audio_windows(p, self.n_mels, name=p)
+                group.append((p, mels, frames))
+            i += len(group)
+            mels = [m for _, ms, _ in group for m in ms]
+            frames = [f for _, _, fs in group for f in fs]
+            feats = encode_windows(self.tower, mels, frames)
+            k = 0
+            for p, ms, _ in group:
+                x = torch.cat(feats[k: k + len(ms)]).to(torch.float16)  # (N, d)
+                k += len(ms)
+                if x.shape[0] == 0:
+                    raise AudioError(f"{p}: too short for a single audio token")
+                out.append(x)
+                rows.append((p, pos, x.shape[0]))
+                pos += x.shape[0]
+            bar.update(len(group))
+        bar.close()
+        shard = len(self.shards)
+        self.shards.append(torch.cat(out))
+        for p, off, n in rows:
+            self.items[p] = (shard, off, n)
+        self.save()
+        return len(rows)
+
+    def save(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / (FEATURES + ".tmp")
+        save_file({f"shard_{k}": t.contiguous() for k, t in enumerate(self.shards)}, str(tmp))
+        tmp.replace(self.folder / FEATURES)
+        meta = {"fingerprint": self.fingerprint, "n_mels": self.n_mels, "d_model": self.d_model,
+                "items": self.items}
+        (self.folder / INDEX).write_text(json.dumps(meta))
+
+    def seconds(self) -> float:
+        """Audio seconds cached (25 tokens per second)."""
+        return sum(n for _, _, n in self.items.values()) / 25.0 if self.items else 0.0
+

@@ -1,0 +1,209 @@
+"""Trainer units: DPO Eq. 2 by hand, masked CE against torch, which positions carry loss per
+stage, and the config (unknown keys, overrides, every YAML under configs/ parses).
+
+    .venv/bin/pytest -q tests/test_train_losses.py
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lalm.errors import ConfigError
+from lalm.train import losses
+from lalm.train.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- DPO -------------------------------------------------------------------------------------------
+
+
+def test_dpo_loss_equals_hand_computed_eq2():
+    pc = torch.tensor([-4.0, -10.0, -2.5])  # log pi(y_w | x)
+    pr = torch.tensor([-6.0, -9.0, -2.5])  # log pi(y_l | x)
+    rc = torch.tensor([-5.0, -9.5, -3.0])  # log ref(y_w | x)
+    rr = torch.tensor([-5.5, -9.5, -2.0])  # log ref(y_l | x)
+    beta = 0.1
+    out = losses.dpo_loss(pc, pr, rc, rr, beta)
+    for i in range(3):
+        z = beta * (pc[i] - rc[i]).item() - beta * (pr[i] - rr[i]).item()
+        expected = -math.log(1.0 / (1.0 + math.exp(-z)))
+        assert out.losses[i].item() == pytest.approx(expected, abs=1e-6)
+        assert out.margins[i].item() == pytest.approx(z, abs=1e-6)
+    # pair 0: z = 0.1*1 - 0.1*(-0.5) = 0.15; pair 1: 0.1*(-0.5) - 0.1*0.5 = -0.1; pair 2: 0.05 + 0.05
+    assert out.margins.tolist() == pytest.approx([0.15, -0.1, 0.1], abs=1e-6)
+    assert out.accuracy.item() == pytest.approx(2 / 3)
+    assert out.chosen_rewards.tolist() == pytest.approx([0.1, -0.05, 0.05], abs=1e-6)
+
+
+def test_dpo_default_beta_and_stability():
+    assert TrainConfig().beta == 0.1
+    z = torch.tensor([-1e4])
+    out = losses.dpo_loss(z, torch.zeros(1), torch.zeros(1), torch.zeros(1))
+    assert torch.isfinite(out.losses).all() and out.losses.item() == pytest.approx(1e3, rel=1e-6)
+
+
+def test_sequence_logps_and_rows_match_full_logits():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=g)
+    labels = torch.full((3, 7), -100)
+    labels[0, 2:5] = torch.tensor([1, 2, 3])
+    labels[2, 6] = 10
+    logp = torch.log_softmax(logits, -1)
+    expected = torch.tensor([logp[0, 2, 1] + logp[0, 3, 2] + logp[0, 4, 3], 0.0, logp[2, 6, 10]])
+    assert torch.allclose(losses.sequence_logps(logits, labels), expected, atol=1e-6)
+    sel = labels != -100
+    rows = losses.rows_sequence_logps(logits[sel], labels[sel], sel.nonzero()[:, 0], 3)
+    assert torch.allclose(rows, expected, atol=1e-6)
+    ref = F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1), ignore_index=-100)
+    assert losses.masked_ce(logits, labels).item() == pytest.approx(ref.item(), abs=1e-6)
+    assert losses.rows_ce_sum(logits[sel], labels[sel]).item() == pytest.approx(4 * ref.item(), abs=1e-5)
+
+
+# --- which positions carry loss, per stage --------------------------------------------------------
+
+
+def _byte_tokens(text: str, specials: dict[str, int]) -> list[str]:
+    """Hand tokenisation for the bytes tokenizer: a special token is one id, anything else one per byte."""
+    out, i = [], 0
+    while i < len(text):
+        for s in specials:
+            if text.startswith(s, i):
+                out.append(s)
+                i += len(s)
+                break
+        else:
+            out += [chr(b) for b in text[i].encode()]
+            i += 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def multi_turn(tmp_path_factory):
+    from train_corpus import write_audio, write_manifest
+
+    folder = tmp_path_factory.mktemp("mask")
+    audio = write_audio(folder, 0)  # 0.4 s: 40 mel frames -> 10 audio tokens
+    messages = [
+        {"role": "user", "content": [{"type": "audio", "audio": audio}, {"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "A2"},
+    ]
+    sft = write_manifest(folder / "sft.jsonl", [{"messages": messages}])
+    dpo = write_manifest(folder / "dpo.jsonl", [{"messages": messages[:3], "chosen": "good", "rejected": "bad"}])
+    return sft, dpo
+
+
+def _targets(example) -> tuple[list[int], list[int]]:
+    """(positions t whose label is set, the token ids they predict) from the collated labels."""
+    from lalm.processor import collate
+
+    labels = collate([example], pad_id=0).labels[0]
+    pos = [t for t in range(len(labels)) if labels[t] != -100]
+    return pos, [int(labels[t]) for t in pos]
+
+
+@pytest.mark.parametrize("stage,train_on", [("pretrain", "all"), ("sft", "all"), ("sft", "last"), ("dpo", "last")])
+def test_loss_positions_per_stage(multi_turn, stage, train_on):
+    from lalm.tokenizer import bytes_to_unicode, train_bpe
+    from lalm.train.data import TrainData
+
+    tok = train_bpe([], 262)
+    specials = {s: tok.tk.token_to_id(s) for s in
+                ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")}
+    sft, dpo = multi_turn
+    data = TrainData(str(dpo if stage == "dpo" else sft), stage, tok, 80, train_on=train_on)
+    examples = data.examples(0)
+    audio = "<|audio_bos|>" + "<|AUDIO|>" * 10 + "<|audio_eos|>"
+    head = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+            f"<|im_start|>user\nAudio 1: {audio}\nHi<|im_end|>\n")
+    if stage == "pretrain":  # raw base-model form: prompt turns joined, last answer + <|endoftext|>
+        segments = [(f"{audio}HiA1Q2", False), ("A2<|endoftext|>", True)]
+    elif stage == "sft":
+        segments = [(head + "<|im_start|>assistant\n", False), ("A1<|im_end|>", train_on == "all"),
+                    ("\n<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n", False), ("A2<|im_end|>", True),
+                    ("\n", False)]
+    else:
+        segments = []
+    expected_examples = [segments] if stage != "dpo" else [
+        [(head + "<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n",
+          False), (answer + "<|im_end|>", True), ("\n", False)] for answer in ("good", "bad")]
+    assert len(examples) == len(expected_examples)
+    for example, segs in zip(examples, expected_examples):
+        tokens, target = [], []
+        for text, is_target in segs:
+            toks = _byte_tokens(text, specials)
+            tokens += toks
+            target += [is_target] * len(toks)
+        byte_token = bytes_to_unicode()  # byte -> the BPE's printable symbol for it
+        ids = [specials[t] if t in specials else tok.tk.token_to_id(byte_token[ord(t)]) for t in tokens]
+        assert example.ids.tolist() == ids
+        # label t is the target for position t, i.e. the token at t + 1
+        pos, predicted = _targets(example)
+        want = [t - 1 for t in range(len(tokens)) if target[t]]
+        assert pos == want
+        assert predicted == [ids[t + 1] for t in want]
+        # the same, read as text: exactly the answers (and their end tokens) are learned
+        learned = "".join(tokens[t + 1] for t in pos)
+        assert learned == "".join(text for text, is_target in segs if is_target)
+
+
+# --- config ----------------------------------------------------------------------------------------
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("stage: sft\nlerning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="lerning_rate"):
+        TrainConfig.load(path)
+    with pytest.raises(ConfigError, match="warmup"):
+        TrainConfig().apply_overrides(["--warmup=3"])
+    with pytest.raises(ConfigError, match="max_steps"):
+        TrainConfig().apply_overrides(["--max-steps=many"])
+
+
+def test_overrides_are_typed():
+    cfg = TrainConfig()
+    cfg.apply_overrides(["--lr=1e-4", "--max-steps=7", "--freeze=encoder,projector", "--fsdp=true",
+                         "model.text.hidden_size=64", "--augment-noise-snr-db=20"])
+    assert (cfg.lr, cfg.max_steps, cfg.freeze, cfg.fsdp) == (1e-4, 7, ["encoder", "projector"], True)
+    assert cfg.model == {"text": {"hidden_size": 64}} and cfg.augment_noise_snr_db == 20.0
+    with pytest.raises(ConfigError, match="freeze"):
+        TrainConfig(freeze=["tower"]).validate()
+
+
+def test_cli_flags_and_key_value(tmp_path):
+    import argparse
+
+    from lalm.train import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--stage", "dpo", "--config", str(ROOT / "configs/test/dpo.yaml"), "--max-steps", "3",
+                              "--batch-size=4", "--fsdp", "--beta=0.2", "--set", "model.text.num_hidden_layers=1"])
+    cfg = cli.parse(args)
+    assert (cfg.stage, cfg.max_steps, cfg.batch_size, cfg.fsdp, cfg.beta) == ("dpo", 3, 4, True, 0.2)
+    assert cfg.model["text"]["num_hidden_layers"] == 1 and cfg.model["text"]["hidden_size"] == 64
+    args = parser.parse_args(["--stage", "sft", "--config", str(ROOT / "configs/test/dpo.yaml")])
+    with pytest.raises(ConfigError, match="stage"):
+        cli.parse(args)
+
+
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
+def test_every_config_parses(path):
+    cfg = TrainConfig.load(path).validate()
+    assert cfg.stage in ("pretrain", "sft", "dpo")
+    if cfg.init.startswith("preset:"):  # the model it describes must build (on the meta device: no memory)
+        from lalm.config import ModelConfig
+
+        name = cfg.init.split(":", 1)[1]
+        ModelConfig.preset(name, **cfg.model)
