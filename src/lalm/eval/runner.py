@@ -1,9 +1,10 @@
 """Generate predictions for eval items, then score them; restartable and data-parallel.
 
 Generation follows the official scripts: greedy, `max_new_tokens=256`, `min_new_tokens=1`,
-left-padded batches (lalm's batched greedy output equals each conversation alone). Each
-finished batch is appended to the predictions file at once, so a killed run restarts where it
-stopped: items whose (source, id) is already in the file are skipped.
+left-padded batches (lalm's batched greedy output equals each conversation alone, so items
+are batched by length to save padding). Each finished batch is appended to the predictions
+file at once, so a killed run restarts where it stopped: items whose (source, id) is already
+in the file are skipped. At the end the file is rewritten in item order.
 
 Under torchrun (WORLD_SIZE > 1) each rank takes a contiguous shard, as the official
 `InferenceSampler` does, and writes `<predictions>.rank<r>`; after a barrier rank 0 merges
@@ -138,7 +139,8 @@ def generate_predictions(lm, items: list[EvalItem], path: str | Path, cfg: RunCo
     mine = shard(items, rank, world)
     out_path = path if world == 1 else path.with_name(f"{path.name}.rank{rank}")
     done = {_key(r) for r in read_predictions(path)} | {_key(r) for r in read_predictions(out_path)}
-    todo = [it for it in mine if it.key not in done]
+    # Similar lengths batch together (less padding; greedy output does not depend on the batch).
+    todo = sorted((it for it in mine if it.key not in done), key=_audio_bytes)
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"eval[{rank}]" if world > 1 else "eval",
                unit="item", disable=not cfg.progress or rank != 0, dynamic_ncols=True)
     with open(out_path, "a", encoding="utf-8") as f:
@@ -152,10 +154,14 @@ def generate_predictions(lm, items: list[EvalItem], path: str | Path, cfg: RunCo
         dist.barrier()
     if rank != 0:
         return None
-    if world > 1:
-        _merge(path, items, world)
+    _merge(path, items, world)  # one file, in item order
     by_key = {_key(r): r for r in read_predictions(path)}
     return [by_key[it.key] for it in items if it.key in by_key]
+
+
+def _audio_bytes(item: EvalItem) -> int:
+    """Audio file sizes: a cheap stand-in for duration when grouping items into batches."""
+    return sum(os.path.getsize(a) for a in item.audio if isinstance(a, str) and os.path.isfile(a))
 
 
 def _merge(path: Path, items: list[EvalItem], world: int) -> None:
