@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-__all__ = ["load", "LALM", "GenerationResult"]
+__all__ = ["LALM", "GenerationResult", "load"]
 
 
 def __getattr__(name: str):

@@ -218,10 +218,15 @@ class LALM:
         opts = self.options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             repetition_penalty=repetition_penalty, seed=seed, stop=stop,
                             min_new_tokens=min_new_tokens, stop_token_ids=stop_token_ids)
-        examples = [self.prepare(c) for c in _as_list(conversations)]
+        return self.generate_examples([self.prepare(c) for c in _as_list(conversations)], opts, batch_size)
+
+    def generate_examples(self, examples: list, options: gen.SamplingOptions,
+                          batch_size: int = DEFAULT_BATCH_SIZE) -> list[GenerationResult]:
+        """`generate` for already prepared `processor.Example`s (e.g. `lalm generate` prepares each
+        input line on its own so that one bad line does not sink its batch)."""
         results: list[GenerationResult | None] = [None] * len(examples)
         for idx, batch in self._batches(examples, batch_size):
-            rows = self._rows(examples, opts, idx)
+            rows = self._rows(examples, options, idx)
             for _ in gen.generate(self.model, batch, rows):
                 pass
             for row in rows:

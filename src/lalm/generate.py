@@ -49,6 +49,7 @@ class SamplingOptions:
     stop_token_ids: tuple[int, ...] = ()  # end the row; kept in token_ids (text skips special ids)
     stop: tuple[str, ...] = ()  # stop strings (cut from the text; needs a text stream)
     seed: int | None = None  # per row: a seeded row samples the same alone or in any batch
+    top_logprobs: int = 0  # also record the k most likely ids and their log-probs at each step
 
     def __post_init__(self) -> None:
         checks = [
@@ -58,6 +59,7 @@ class SamplingOptions:
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("top_k", self.top_k >= 0, "must be >= 0"),
             ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+            ("top_logprobs", self.top_logprobs >= 0, "must be >= 0"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -134,6 +136,7 @@ class Row:
     generator: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # the model's log-prob of each chosen token
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per step, if asked
     finish_reason: str | None = None  # None while running, then "stop" or "length"
     max_new_tokens: int = 0  # options.max_new_tokens clipped to the context (set by DecodeState)
     text: str = ""  # final text (stop string cut), set when the row finishes
@@ -158,9 +161,8 @@ class Row:
             self.seen[token] = True
         if self.stream is not None:
             self.stream.push(token)
-        if token in self.options.stop_token_ids and len(self.tokens) > self.options.min_new_tokens:
-            self.finish("stop")
-        elif self.options.stop and self._stop_at(self.stream.text, self.emitted) >= 0:
+        stop_token = token in self.options.stop_token_ids and len(self.tokens) > self.options.min_new_tokens
+        if stop_token or (self.options.stop and self._stop_at(self.stream.text, self.emitted) >= 0):
             self.finish("stop")
         elif len(self.tokens) >= self.max_new_tokens or context_left <= 0:
             self.finish("length")
@@ -203,8 +205,8 @@ class Row:
 def _to(batch, device) -> dict:
     mel = batch.mel.to(device) if batch.mel is not None else None
     frames = batch.mel_frames.to(device) if batch.mel is not None else None
-    return dict(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-                attention_mask=batch.attention_mask.to(device).bool(), mel=mel, mel_frames=frames)
+    return {"input_ids": batch.input_ids.to(device), "position_ids": batch.position_ids.to(device),
+            "attention_mask": batch.attention_mask.to(device).bool(), "mel": mel, "mel_frames": frames}
 
 
 @torch.inference_mode()
@@ -329,6 +331,9 @@ class DecodeState:
                 row.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
                 row.seen[torch.tensor(row.prompt_ids, device=logits.device)] = True
             token = sample(logits[i], opts, row.generator, row.seen, len(row.tokens))
+            if opts.top_logprobs:
+                top = logprobs[i].topk(min(opts.top_logprobs, logprobs.shape[-1]))
+                row.top_logprobs.append(list(zip(top.indices.tolist(), top.values.tolist())))
             context_left = self.max_positions - int(self.next_pos[slot]) - 1
             row.accept(token, float(logprobs[i, token]), context_left)
             self.last[slot] = token

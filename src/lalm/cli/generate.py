@@ -1,0 +1,140 @@
+"""Batch generation over a JSONL file, restartable.
+
+  lalm generate --model PATH --input in.jsonl --output out.jsonl [--batch-size 8]
+                [--max-new-tokens N] [--temperature T]
+
+Each input line is {"id": ..., "messages": [...]} (audio paths relative to the input file);
+each output line is {"id", "text", "token_ids", "logprobs", "prompt_tokens", "audio_tokens",
+"finish_reason"}. Ids already in the output are skipped, so an interrupted run picks up where
+it stopped. A bad line (invalid JSON, a missing field, an unreadable audio, a prompt longer
+than the context) gets {"id", "error"} and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from lalm.errors import ConfigError, LalmError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint folder or hub name (local HF cache)")
+    parser.add_argument("--input", required=True, type=Path, help="JSONL: {\"id\", \"messages\"} per line")
+    parser.add_argument("--output", required=True, type=Path, help="JSONL results (appended; restartable)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the checkpoint's)")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: as stored)")
+    parser.add_argument("--device", default=None)
+
+
+def _relative_audio(messages: Any, base: Path) -> Any:
+    """Audio paths in the messages, resolved against the input file's folder."""
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for m in messages:
+        if isinstance(m, dict) and isinstance(m.get("content"), list):
+            parts = []
+            for p in m["content"]:
+                if isinstance(p, dict):
+                    p = dict(p)
+                    for key in ("audio", "audio_url"):
+                        v = p.get(key)
+                        if isinstance(v, str) and not v.startswith(("data:", "file://")) and "://" not in v:
+                            p[key] = str(base / v)
+                parts.append(p)
+            m = {**m, "content": parts}
+        out.append(m)
+    return out
+
+
+def done_ids(output: Path) -> set[str]:
+    """Ids already written (complete lines only: a line cut by a crash is redone)."""
+    ids: set[str] = set()
+    if output.exists():
+        for line in output.read_text(encoding="utf-8").splitlines():
+            try:
+                ids.add(json.dumps(json.loads(line)["id"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return ids
+
+
+def read_input(path: Path) -> list[tuple[Any, Any]]:
+    """(id, messages or an error string) per non-empty line."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such input file")
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            items.append((f"line {n}", f"{path}:{n}: invalid JSON ({e.msg})"))
+            continue
+        if not isinstance(d, dict) or "id" not in d:
+            items.append((f"line {n}", f"{path}:{n}: a line needs an \"id\" and \"messages\""))
+        elif "messages" not in d:
+            items.append((d["id"], f"{path}:{n}: no \"messages\""))
+        else:
+            items.append((d["id"], _relative_audio(d["messages"], path.parent)))
+    return items
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    import lalm
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    items = read_input(args.input)
+    skip = done_ids(args.output)
+    todo = [(i, m) for i, m in items if json.dumps(i) not in skip]
+    if not todo:
+        print(f"lalm generate: nothing to do ({len(items)} ids already in {args.output})", file=sys.stderr)
+        return 0
+    model = lalm.load(args.model, dtype=args.dtype, device=args.device)
+    options = model.options(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    n_err = 0
+    with args.output.open("a", encoding="utf-8") as out, tqdm(total=len(todo), unit="conv",
+                                                              file=sys.stderr) as bar:
+        if out.tell() and not args.output.read_bytes().endswith(b"\n"):
+            out.write("\n")  # a line cut by an interruption stays on its own (and is redone)
+
+        def write(d: dict) -> None:
+            out.write(json.dumps(d, ensure_ascii=False) + "\n")
+
+        for start in range(0, len(todo), args.batch_size):
+            chunk = todo[start : start + args.batch_size]
+            ready = []  # (id, Example): prepared one by one so a bad line fails alone
+            for id_, messages in chunk:
+                if isinstance(messages, str):
+                    write({"id": id_, "error": messages})
+                    n_err += 1
+                    continue
+                try:
+                    ready.append((id_, model.prepare(messages)))
+                except LalmError as e:
+                    write({"id": id_, "error": str(e)})
+                    n_err += 1
+            if ready:
+                results = model.generate_examples([e for _, e in ready], options, args.batch_size)
+                for (id_, _), r in zip(ready, results):
+                    write({"id": id_, **r.to_dict()})
+            out.flush()  # a finished batch survives an interruption
+            bar.update(len(chunk))
+    print(f"lalm generate: {len(todo) - n_err} generated, {n_err} errors, {len(items) - len(todo)} skipped "
+          f"-> {args.output}", file=sys.stderr)
+    return 0

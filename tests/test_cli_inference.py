@@ -1,0 +1,133 @@
+"""`lalm chat` and `lalm generate` on a tiny checkpoint (in process through lalm.__main__.main,
+plus one real subprocess for the exit code and one-line error).
+
+Run: .venv/bin/pytest -x -q tests/test_cli_inference.py
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import soundfile as sf
+
+pytest.importorskip("transformers")
+from hf_reference import waveform
+from test_generate import load_tiny
+
+from lalm.__main__ import main
+from lalm.cli.chat import interactive
+
+GREEDY = ["--temperature", "0", "--max-new-tokens", "12"]
+
+
+@pytest.fixture(scope="session")
+def tiny(hf_checkpoint, tmp_path_factory):
+    return load_tiny(hf_checkpoint, tmp_path_factory)
+
+
+@pytest.fixture
+def wavs(tmp_path):
+    (tmp_path / "audio").mkdir()
+    for name, sec, seed in (("a.wav", 1.2, 1), ("b.flac", 2.0, 2)):
+        sf.write(tmp_path / "audio" / name, waveform(sec, seed), 16000)
+    (tmp_path / "audio" / "bad.wav").write_text("not audio")
+    return tmp_path
+
+
+def answer(tiny, content, **kw):
+    (r,) = tiny.generate([{"role": "user", "content": content}], temperature=0, max_new_tokens=12, **kw)
+    return r
+
+
+def test_chat_one_turn_streams_the_answer(tiny, wavs, capsys):
+    wav = str(wavs / "audio" / "a.wav")
+    assert main(["chat", "--model", str(tiny.path), "--audio", wav, "--prompt", "What is it?", *GREEDY]) == 0
+    expected = answer(tiny, [{"type": "audio", "audio": wav}, {"type": "text", "text": "What is it?"}])
+    assert capsys.readouterr().out == expected.text + "\n"
+
+
+def test_chat_json_voice_only(tiny, wavs, capsys):
+    wav = str(wavs / "audio" / "b.flac")
+    assert main(["chat", "--model", str(tiny.path), "--audio", wav, "--json", *GREEDY]) == 0
+    out = json.loads(capsys.readouterr().out)
+    expected = answer(tiny, [{"type": "audio", "audio": wav}])
+    assert out == expected.to_dict() and out["audio_tokens"] > 0
+
+
+@pytest.mark.parametrize("audio, words", [("missing.wav", "not found"), ("bad.wav", "cannot decode")])
+def test_chat_bad_audio_is_one_line_and_exit_2(tiny, wavs, capsys, audio, words):
+    code = main(["chat", "--model", str(tiny.path), "--audio", str(wavs / "audio" / audio), "--prompt", "x"])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_chat_error_from_a_real_process(tiny, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "lalm", "chat", "--model", str(tiny.path), "--audio",
+                        str(tmp_path / "nope.wav")], capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert p.returncode == 2 and p.stderr.startswith("lalm chat: error:") and p.stderr.count("\n") == 1
+
+
+def test_interactive_session(tiny, wavs):
+    wav = str(wavs / "audio" / "a.wav")
+    out, err = io.StringIO(), io.StringIO()
+    lines = [f"/audio {wav}", "", "And now?", "/audio missing.wav", "/reset", "Hello", "/exit", "never read"]
+    interactive(tiny, iter(lines), out, err, {"temperature": 0, "max_new_tokens": 12})
+    voice = [{"role": "user", "content": [{"type": "audio", "audio": wav}]}]
+    first = tiny.generate(voice, temperature=0, max_new_tokens=12)[0].text
+    second = tiny.generate([*voice, {"role": "assistant", "content": first},
+                            {"role": "user", "content": [{"type": "text", "text": "And now?"}]}],
+                           temperature=0, max_new_tokens=12)[0].text
+    fresh = answer(tiny, [{"type": "text", "text": "Hello"}]).text
+    assert out.getvalue() == f"{first}\n{second}\n{fresh}\n"
+    assert "missing.wav: file not found" in err.getvalue() and "reset" in err.getvalue()
+
+
+def _jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def test_generate_jsonl_bad_lines_and_restart(tiny, wavs, capsys):
+    good = {
+        "q1": [{"role": "user", "content": [{"type": "audio", "audio": "audio/a.wav"},
+                                            {"type": "text", "text": "Describe."}]}],
+        "q2": [{"role": "user", "content": "Just text, please."}],
+        "q3": [{"role": "user", "content": [{"type": "audio", "audio": "audio/b.flac"}]}],
+    }
+    inp, out = wavs / "in.jsonl", wavs / "sub" / "out.jsonl"
+    _jsonl(inp, [{"id": "q1", "messages": good["q1"]}, "{not json",
+                 {"id": "q2", "messages": good["q2"]},
+                 {"id": 7, "messages": [{"role": "user", "content": [{"type": "audio", "audio": "audio/bad.wav"}]}]},
+                 {"id": "q3", "messages": good["q3"]}, {"id": "no-messages"}])
+    args = ["generate", "--model", str(tiny.path), "--input", str(inp), "--output", str(out),
+            "--batch-size", "2", *GREEDY]
+    assert main(args) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    by_id = {d["id"]: d for d in lines}
+    assert len(lines) == 6 and set(by_id) == {"q1", "q2", "q3", "line 2", 7, "no-messages"}
+    assert "invalid JSON" in by_id["line 2"]["error"] and "cannot decode" in by_id[7]["error"]
+    assert "messages" in by_id["no-messages"]["error"]
+    for k, conv in good.items():
+        resolved = json.loads(json.dumps(conv).replace('"audio/', f'"{wavs}/audio/'))
+        (r,) = tiny.generate(resolved, temperature=0, max_new_tokens=12)
+        assert by_id[k] == {"id": k, **r.to_dict()}
+        assert list(by_id[k]) == ["id", "text", "token_ids", "logprobs", "prompt_tokens", "audio_tokens",
+                                  "finish_reason"]
+    # Restart: nothing to redo; then drop a result (as if interrupted) and only it is redone.
+    assert main(args) == 0 and len(out.read_text().splitlines()) == 6
+    kept = [x for x in out.read_text().splitlines() if json.loads(x)["id"] != "q2"]
+    out.write_text("\n".join(kept) + "\n" + '{"id": "q3", "te')  # plus a line cut mid-write
+    assert main(args) == 0
+    redone = [json.loads(x) for x in out.read_text().splitlines()[6:]]
+    assert [d["id"] for d in redone] == ["q2"] and redone[0] == by_id["q2"]
+    assert "nothing to do" in capsys.readouterr().err
+
+
+def test_generate_missing_input_exits_2(tiny, tmp_path, capsys):
+    code = main(["generate", "--model", str(tiny.path), "--input", str(tmp_path / "no.jsonl"),
+                 "--output", str(tmp_path / "o.jsonl")])
+    assert code == 2 and "no such input file" in capsys.readouterr().err
