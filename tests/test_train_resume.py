@@ -1,0 +1,144 @@
+"""Crash safety and scale-out: SIGKILL mid-run and mid-checkpoint, then --resume gives the loss
+curve of an uninterrupted run; torchrun with 2 processes (gloo, FSDP2) equals 1 process.
+
+    .venv/bin/pytest -q tests/test_train_resume.py
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lalm.train import checkpoint
+from lalm.train.config import TrainConfig
+from lalm.train.loop import train
+from lalm.train.metrics import read_metrics
+from lalm.weights import load_checkpoint
+from train_corpus import asr_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, SAVE_EVERY = 12, 3
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the subprocesses run with OMP_NUM_THREADS=1 too: same arithmetic
+    yield
+    torch.set_num_threads(n)
+
+
+def args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--stage", "sft", "--config", str(ROOT / "configs/test/sft.yaml"), "--data", str(data),
+            "--out", str(out), "--max-steps", str(STEPS), "--save-every", str(SAVE_EVERY), "--progress=false",
+            *extra]
+
+
+def config(data: Path, out: Path) -> TrainConfig:
+    return TrainConfig.load(ROOT / "configs/test/sft.yaml", [
+        f"data={data}", f"out={out}", f"max_steps={STEPS}", f"save_every={SAVE_EVERY}", "progress=false"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run: (manifest, its metrics rows)."""
+    folder = tmp_path_factory.mktemp("resume")
+    data = asr_manifest(folder, n=8)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(config(data, folder / "uninterrupted"))
+    finally:
+        torch.set_num_threads(n)
+    rows = read_metrics(folder / "uninterrupted")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    return data, rows
+
+
+def assert_same_curve(rows: list[dict], reference: list[dict]) -> None:
+    assert [r["step"] for r in rows] == [r["step"] for r in reference]
+    for a, b in zip(rows, reference):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6, (a["step"], a["loss"], b["loss"])
+
+
+def assert_checkpoints_whole(root: Path) -> None:
+    """Every folder that looks like a checkpoint is complete and loads."""
+    for step, folder in checkpoint.complete_checkpoints(root):
+        assert checkpoint.read_trainer_state(folder)["step"] == step
+        assert (folder / "trainer" / "optimizer.safetensors").is_file()
+        load_checkpoint(folder, dtype=torch.float32)
+    leftovers = [p.name for p in root.iterdir() if p.name.startswith("step-")
+                 and not (p / "trainer" / "state.json").is_file()]
+    assert not leftovers
+
+
+def test_sigkill_mid_run_then_resume_matches(reference, tmp_path):
+    data, ref_rows = reference
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "lalm", "train", *args(data, out)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if len(read_metrics(out)) >= 2 * SAVE_EVERY + 1:  # past the step-6 checkpoint, before the end
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    rc = proc.wait(timeout=60)
+    assert rc == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    killed_at = len(read_metrics(out))
+    assert killed_at < STEPS
+    assert_checkpoints_whole(out / "checkpoints")
+    newest = checkpoint.newest_checkpoint(out / "checkpoints")
+    assert newest is not None and checkpoint.read_trainer_state(newest)["step"] <= killed_at
+    train(config(data, out), resume=True)
+    assert_same_curve(read_metrics(out), ref_rows)
+
+
+def test_sigkill_during_checkpoint_write_never_leaves_a_torn_checkpoint(reference, tmp_path):
+    data, ref_rows = reference
+    out = tmp_path / "torn"
+    env = {**ENV, checkpoint.KILL_ENV: str(2 * SAVE_EVERY)}  # die half-way through writing step 6
+    proc = subprocess.run([sys.executable, "-m", "lalm", "train", *args(data, out)], env=env,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    root = out / "checkpoints"
+    torn = root / f".tmp-step-{2 * SAVE_EVERY:06d}"
+    assert (torn / "model.safetensors").is_file() and not (torn / "trainer" / "state.json").exists()
+    assert [s for s, _ in checkpoint.complete_checkpoints(root)] == [SAVE_EVERY]
+    assert_checkpoints_whole(root)
+    train(config(data, out), resume=True)
+    assert not torn.exists()  # cleaned up on resume
+    assert_same_curve(read_metrics(out), ref_rows)
+    assert [s for s, _ in checkpoint.complete_checkpoints(root)] == [3 * SAVE_EVERY, STEPS]  # keep_checkpoints=2
+
+
+def test_torchrun_two_processes_fsdp_equals_one_process(reference, tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    data, ref_rows = reference
+    steps = 10
+    out = tmp_path / "ddp"
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "lalm", "train",
+           *args(data, out, "--fsdp", "--batch-size", "8"), "--max-steps", str(steps), "--save-every", "0"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, timeout=420)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    rows = read_metrics(out)
+    one = tmp_path / "one"
+    cfg = config(data, one)
+    cfg.max_steps, cfg.save_every = steps, 0
+    train(cfg)
+    single = read_metrics(one)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    for a, b in zip(rows, single):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a, b)
+    assert rows[-1]["loss"] < rows[0]["loss"]
