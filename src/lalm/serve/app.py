@@ -46,6 +46,7 @@ class ServerConfig:
     default_max_tokens: int = 512  # when a request sets neither max_tokens nor its new name
     asr_prompt: str = ASR_PROMPT
     shutdown_grace_s: float = 30.0
+    prepare_workers: int = 2  # requests whose audio is decoded/featurized at the same time
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -91,6 +92,10 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         await run_in_threadpool(engine.shutdown, config.shutdown_grace_s)
 
     app = FastAPI(title="lalm", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # Audio decoding and feature extraction run in worker threads, a few at a time and in
+    # arrival order: 32 requests prepared all at once would share the CPU and all reach the
+    # engine late, instead of the first ones starting to decode while the rest prepare.
+    preparing = asyncio.Semaphore(config.prepare_workers)
     app.state.engine = engine
     app.state.config = config
 
@@ -234,8 +239,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         auth(request)
         req = parse_chat_request(await _read_body(request, config.max_request_bytes))
         check_model(req.model)
-        conversation = await run_in_threadpool(build_conversation, req, config.media)
-        prepared = await run_in_threadpool(prepare, conversation)
+        async with preparing:
+            conversation = await run_in_threadpool(build_conversation, req, config.media)
+            prepared = await run_in_threadpool(prepare, conversation)
         base = options_for(req, prepared.prompt_tokens)
         # n choices are n rows; with a seed, row i uses seed+i so sampled choices differ.
         opts = [
@@ -298,12 +304,14 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         # OpenAI's `prompt` steers a Whisper decoder's style; ours is an instruction-tuned
         # model whose ASR prompt is fixed, so `prompt` is accepted and not used.
         raw = await upload.read()
-        wave = await run_in_threadpool(decode_audio, raw, "file", config.media)
+        async with preparing:
+            wave = await run_in_threadpool(decode_audio, raw, "file", config.media)
         conversation = [{"role": "user", "content": [
             {"type": "audio", "audio": {"array": wave, "sampling_rate": SAMPLE_RATE}},
             {"type": "text", "text": config.asr_prompt},
         ]}]
-        prepared = await run_in_threadpool(prepare, conversation)
+        async with preparing:
+            prepared = await run_in_threadpool(prepare, conversation)
         room = backend.max_context - prepared.prompt_tokens
         if room < 1:
             raise APIError(400, "file: the audio fills the model's context", "file",

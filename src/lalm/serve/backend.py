@@ -61,7 +61,7 @@ class LALMBackend:
 
     # ---- engine thread ----
     def can_add(self, rows: list[tuple[Prepared, Options]]) -> bool:
-        if self.state is None or self.state.n == 0:
+        if self.state is None:
             return len(rows) <= self.max_batch
         longest = max(p.prompt_tokens for p, _ in rows)
         budget = max(o.max_new_tokens for _, o in rows)
@@ -79,8 +79,10 @@ class LALMBackend:
     def add(self, rows: list[tuple[int, Prepared, Options]]) -> dict[int, Update]:
         batch = collate([p.prompt for _, p, _ in rows], self.lalm.tokenizer.pad_id)
         new = [self._row(key, p, o) for key, p, o in rows]
-        if self.state is None or self.state.n == 0:
-            # A fresh cache sized for the whole batch; later rows are slotted into it.
+        if self.state is None:
+            # One cache for the server's life, sized for max_batch rows of max_context tokens;
+            # every later row is slotted into it (allocating per request costs more than a
+            # tiny model's whole prefill).
             self.state = self._state_cls.start(self.lalm.model, batch, new,
                                                max_rows=self.max_batch, max_len=self.max_context)
         else:

@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $LALM_API_KEY)")
     p.add_argument("--max-batch", type=int, default=32, help="rows decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch")
+    p.add_argument("--max-prefill-tokens", type=int, default=1024,
+                   help="prompt tokens prefilled at once when many requests arrive together")
     p.add_argument("--allowed-local-media-path", type=Path,
                    help="audio_url may name local files inside this folder (default: none)")
     p.add_argument("--allow-remote-media", action="store_true",
@@ -90,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         asr_prompt=args.asr_prompt,
         shutdown_grace_s=args.shutdown_grace,
     )
-    app = create_app(Engine(backend, max_batch=args.max_batch, max_queue=args.max_queue), config)
+    app = create_app(Engine(backend, max_batch=args.max_batch, max_queue=args.max_queue,
+                            max_prefill_tokens=args.max_prefill_tokens), config)
     print(f"lalm serve: {backend.model_name} on http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",
                 timeout_graceful_shutdown=int(args.shutdown_grace))

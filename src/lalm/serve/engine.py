@@ -145,10 +145,12 @@ class _Request:
 
 
 class Engine:
-    def __init__(self, backend: Backend, max_batch: int = 32, max_queue: int = 256):
+    def __init__(self, backend: Backend, max_batch: int = 32, max_queue: int = 256,
+                 max_prefill_tokens: int = 1024):
         self.backend = backend
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
         self._cv = threading.Condition()
         self._waiting: list[_Request] = []
         self._running: dict[int, _Request] = {}
@@ -158,6 +160,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run (tests read it to see batching happen)
         self.max_rows_seen = 0
+        self._prefilled_last = False
 
     # ---- lifecycle ----
     def start(self) -> None:
@@ -219,8 +222,10 @@ class Engine:
                 self._waiting = [r for r in self._waiting if not r.cancelled]
                 if self._stopping and time.monotonic() > self._deadline:
                     dropped += [r for r in self._running.values() if not r.cancelled]
-                admitted = self._admissible(len(self._running) - sum(
-                    r.key in self._running for r in dropped))
+                running = len(self._running) - sum(r.key in self._running for r in dropped)
+                # Prefills and decode steps alternate while requests keep arriving, so a
+                # stream of arrivals cannot stall the rows already decoding.
+                admitted = [] if self._prefilled_last and running else self._admissible(running)
                 self._waiting = self._waiting[len(admitted):]
             try:
                 self._tick(dropped, admitted)
@@ -236,9 +241,16 @@ class Engine:
                     self._finish(r, Failed(f"internal error in the engine: {type(e).__name__}"))
 
     def _admissible(self, running: int) -> list[_Request]:
-        """The longest prefix of the queue that fits (first come, first served: no overtaking)."""
-        n = 0
+        """The longest prefix of the queue that fits (first come, first served: no overtaking).
+
+        At most `max_prefill_tokens` prompt tokens per prefill (but always one request): a
+        burst of arrivals is prefilled in chunks with decode steps between them, so the
+        first arrivals stream while later ones are still being prefilled."""
+        n, tokens = 0, 0
         while n < len(self._waiting) and running + n < self.max_batch:
+            tokens += self._waiting[n].prepared.prompt_tokens
+            if n > 0 and tokens > self.max_prefill_tokens:
+                break
             rows = [(r.prepared, r.options) for r in self._waiting[: n + 1]]
             if not self.backend.can_add(rows):
                 break
@@ -256,9 +268,11 @@ class Engine:
             for r in admitted:
                 self._running[r.key] = r
             self._consume(self.backend.add([(r.key, r.prepared, r.options) for r in admitted]))
+            self._prefilled_last = True
         elif self._running:
             self._consume(self.backend.step())
             self.steps += 1
+            self._prefilled_last = False
         self.max_rows_seen = max(self.max_rows_seen, len(self._running))
 
     def _consume(self, updates: dict[int, Update]) -> None:
