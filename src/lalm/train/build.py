@@ -45,6 +45,8 @@ def model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
     """Preset + `model` overrides; vocabulary size and special ids follow the tokenizer unless set."""
     overrides = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.model.items()}
     text = overrides.setdefault("text", {})
+    if ("hidden_size" in text or "num_attention_heads" in text) and "head_dim" not in text:
+        text["head_dim"] = None  # derive hidden_size // heads rather than keep the preset's head_dim
     text.setdefault("vocab_size", tokenizer.vocab_size)
     text.setdefault("bos_token_id", tokenizer.endoftext_id)
     text.setdefault("eos_token_id", tokenizer.im_end_id)
