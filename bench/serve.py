@@ -96,9 +96,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint folder (default: a tiny random model built here)")
     ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--audio-seconds", type=float, default=2.0)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--audio-seconds", type=float, default=1.0)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="server's torch threads (1: on a shared 2-core box, OpenMP sync between "
+                         "2 threads costs more than a tiny model's matmuls)")
     args = ap.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
@@ -110,7 +113,8 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "lalm", "serve", "--model", model, "--port", str(port),
-           "--max-batch", str(args.clients), "--dtype", args.dtype]
+           "--max-batch", str(args.clients), "--dtype", args.dtype,
+           "--threads", str(args.threads)]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -136,8 +140,8 @@ def main() -> int:
     tokens = sum(r["tokens"] for r in con)
     speedup = t_seq / t_con
     ttft = lambda rs, q: float(np.percentile([r["ttft"] for r in rs], q))  # noqa: E731
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch threads {__import__('torch').get_num_threads()}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}; server torch threads {args.threads}")
     print(f"model: {Path(model).name} ({args.dtype}); {args.clients} requests, "
           f"max_tokens {args.max_tokens}, {tokens} completion tokens in total")
     print(f"sequential: {t_seq:7.2f} s  {tokens / t_seq:8.1f} tok/s  {len(reqs) / t_seq:6.2f} req/s"

@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="KV-cache tokens per row (prompt + answer; default min(context, 4096))")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice; 1 suits small models "
+                        "on busy CPUs)")
     p.add_argument("--shutdown-grace", type=float, default=30.0)
 
 
@@ -67,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
     allowed = args.allowed_local_media_path
     if allowed is not None and not allowed.is_dir():
         raise ConfigError(f"--allowed-local-media-path: {allowed} is not a folder")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.fake:
         from lalm.serve.fake import FakeBackend
 
