@@ -15,7 +15,7 @@ from pathlib import Path
 from lalm.data import sentences, tasks
 from lalm.data.evalsets import ALSA_SOUNDS, POCKETSPHINX, EvalPlanner, is_held_out
 from lalm.data.manifest import audio_paths, write_jsonl
-from lalm.data.render import render_to_file
+from lalm.data.render import render_chunk
 from lalm.errors import LalmError
 
 STAGES = ("pretrain", "sft", "dpo")
@@ -70,7 +70,7 @@ def _finish(recs: list[dict], prefix: str, durations: dict[str, float]) -> list[
     for i, r in enumerate(recs):
         rec = {"id": f"{prefix}-{i:06d}", "source": r["source"], "task": r["task"],
                "messages": r["messages"]}
-        for k in ("chosen", "rejected", "reference", "lang"):
+        for k in ("chosen", "rejected", "reference", "lang", "question"):
             if k in r:
                 rec[k] = r[k]
         rec["durations"] = {p: durations[p] for p in dict.fromkeys(audio_paths(r))}
@@ -80,27 +80,26 @@ def _finish(recs: list[dict], prefix: str, durations: dict[str, float]) -> list[
     return out
 
 
+CHUNK = 32  # clips per fresh worker process
+
+
 def _render_all(jobs: list[tuple[str, dict]], workers: int, progress: bool) -> dict[str, int]:
+    """Render every job; chunks are fixed and each runs in a new process (see render_chunk).
+
+    The processes fork from a forkserver that imported the renderer but never rendered, so
+    the result does not depend on `workers` or on what the calling process did before.
+    """
     from tqdm import tqdm
 
-    bar = tqdm(total=len(jobs), desc="rendering audio", unit="clip", disable=not progress,
-               smoothing=0.05)
+    chunks = [jobs[i: i + CHUNK] for i in range(0, len(jobs), CHUNK)]
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["lalm.data.render"])
     out: dict[str, int] = {}
-    if workers <= 1:
-        it = map(render_to_file, jobs)
-        pool = None
-    else:
-        pool = mp.get_context("fork").Pool(workers)
-        it = pool.imap_unordered(render_to_file, jobs, chunksize=8)
-    try:
-        for path, n in it:
-            out[path] = n
-            bar.update()
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
+    with tqdm(total=len(jobs), desc="rendering audio", unit="clip", disable=not progress,
+              smoothing=0.05) as bar, ctx.Pool(max(1, workers), maxtasksperchild=1) as pool:
+        for done in pool.imap_unordered(render_chunk, chunks):
+            out.update(done)
+            bar.update(len(done))
     return out
 
 

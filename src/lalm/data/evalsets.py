@@ -80,10 +80,13 @@ class EvalPlanner:
         self.clips.append(c)
         return c
 
-    def _line(self, name: str, c: Clip, task: str, parts: list[dict], ref: str, lang: str | None = None):
+    def _line(self, name: str, c: Clip, task: str, parts: list[dict], ref: str,
+              lang: str | None = None, question: str | None = None):
         rec = {"source": c.source, "task": task, "messages": [user(*parts)], "reference": ref}
         if lang:
             rec["lang"] = lang
+        if question:  # the spoken question as text, for judges and error analysis
+            rec["question"] = question
         self.out.setdefault(name, []).append(rec)
 
     def plan(self, vocab: list[str]) -> None:
@@ -104,7 +107,7 @@ class EvalPlanner:
         for q, ans in qs.items():
             c = self._clip("voice_chat_piper", {"kind": "tts", "engine": "piper", "voice": PIPER_VOICE,
                                                 "rate": 175, "pitch": 50, "text": q, "gain_db": 0.0}, piper_src)
-            self._line("voice_chat_piper", c, "voice_chat", [audio(c)], ans, "en")
+            self._line("voice_chat_piper", c, "voice_chat", [audio(c)], ans, "en", q)
         self.reserved = set(asr) | set(qs)
         coarse_speech = []
         for path, t, src in real_speech():

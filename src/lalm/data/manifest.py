@@ -28,8 +28,10 @@ Preference (DPO) lines: `messages` holds the prompt turns only (ending with a us
 plus `"chosen": "..."` (the correct answer) and `"rejected": "..."` (a wrong or hedging one).
 
 Evaluation lines (`DIR/eval/<name>.jsonl`): `messages` holds the prompt turns only, plus
-`"reference"`: the exact expected answer, and `"lang"` (e.g. "en") where the task has one.
-Scorers normalise both sides (ASR: WER; voice chat / coarse / sound: exact match).
+`"reference"`: the exact expected answer, and `"lang"` (e.g. "en") where the task has one;
+voice-chat lines also carry `"question"`, the spoken question as text. Scorers normalise
+both sides (ASR: WER; voice chat / coarse / sound: exact match). Eval sets written by
+`lalm data build`: asr_piper, voice_chat_piper, asr_real, sound, coarse.
 
 Also read, per line, so users can bring data they already have:
 - ms-swift / LLaMA-Factory: `messages` (role/content) or `conversations` (from/value) or

@@ -9,7 +9,7 @@ from __future__ import annotations
 LANGS = ("en", "fr", "de", "es", "it")
 LANG_NAMES = {"en": "English", "fr": "French", "de": "German", "es": "Spanish", "it": "Italian"}
 # espeak-ng voice names of each language
-ESPEAK_VOICE = {"en": "en-us", "fr": "fr-fr", "de": "de", "es": "es", "it": "it"}
+ESPEAK_VOICE = {"en": "en-us", "fr": "fr", "de": "de", "es": "es", "it": "it"}
 
 _ROWS = """
 good morning | bonjour | guten morgen | buenos días | buongiorno

@@ -98,7 +98,7 @@ def render(r: dict) -> np.ndarray:
 
 
 def render_to_file(job: tuple[str, dict]) -> tuple[str, int]:
-    """(relative path under the output folder is joined by the caller, recipe) -> (path, samples)."""
+    """(output path, recipe) -> (path, samples written)."""
     import soundfile as sf
 
     path, recipe = job
@@ -107,3 +107,9 @@ def render_to_file(job: tuple[str, dict]) -> tuple[str, int]:
     # PCM_16 WAV: no timestamps or encoder tags, so equal samples give equal bytes
     sf.write(path, wave, SR, subtype="PCM_16", format="WAV")
     return path, int(wave.size)
+
+
+def render_chunk(jobs: list[tuple[str, dict]]) -> list[tuple[str, int]]:
+    """Render a fixed chunk of jobs in order. libespeak-ng keeps state from one utterance to
+    the next, so the builder gives every chunk a fresh process: same chunks, same bytes."""
+    return [render_to_file(j) for j in jobs]

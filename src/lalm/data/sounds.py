@@ -45,7 +45,8 @@ def label(path: str | Path) -> str:
     return PREFIX_LABEL[pre]
 
 
-def held_out_files() -> set[str]:
+@lru_cache(maxsize=1)
+def held_out_files() -> frozenset[str]:
     """Held-out sonic-pi file names: the held-out prefixes, plus the last file of every
     training prefix with at least 4 files (a sound-event eval on classes the model knows)."""
     by_prefix: dict[str, list[str]] = {}
@@ -57,7 +58,7 @@ def held_out_files() -> set[str]:
             out |= set(names)
         elif len(names) >= 4:
             out.add(names[-1])
-    return out
+    return frozenset(out)
 
 
 @lru_cache(maxsize=256)

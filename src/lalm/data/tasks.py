@@ -26,10 +26,10 @@ from lalm.data.voices import (
 
 # clips per task (train + dev); examples per clip vary by task
 SIZES = {
-    "small": dict(asr=150, voice_chat=60, lid=30, sound=50, music=24, mixed=12, turns=10,
-                  silence=6, multi=16, multi_turn=10, eval_asr=12, eval_chat=12),
+    "small": dict(asr=120, voice_chat=50, lid=25, sound=40, music=20, mixed=10, turns=8,
+                  silence=5, multi=16, multi_turn=10, eval_asr=6, eval_chat=6),
     "full": dict(asr=7000, voice_chat=3000, lid=1500, sound=1500, music=900, mixed=500,
-                 turns=400, silence=150, multi=700, multi_turn=500, eval_asr=200, eval_chat=200),
+                 turns=400, silence=150, multi=700, multi_turn=500, eval_asr=200, eval_chat=150),
 }
 DEV_SHARE = 0.05
 FLITE_SHARE = 0.1
@@ -140,8 +140,8 @@ class Planner:
         rng = self.rng
         for _ in range(self.n["asr"]):
             split, v = self.split(), self.voice()
-            kind, words = sentences.sentence(rng, self.vocab)
-            words = self.new_text(lambda: sentences.sentence(rng, self.vocab, kind)[1])
+            kind = sentences.sentence(rng, self.vocab)[0]
+            words = self.new_text(lambda k=kind: sentences.sentence(rng, self.vocab, k)[1])
             spoken = words.upper() if kind == "letters" else words  # letter names, not "a"
             rec = self.speech(v, spoken)
             rec["text_target"] = words

@@ -6,6 +6,7 @@ Every function returns float32 mono at 16 kHz and is deterministic for its argum
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import tempfile
@@ -17,8 +18,8 @@ import soxr
 from lalm.errors import AudioError
 
 SR = 16000
-ENGLISH_ACCENTS = {  # espeak-ng voice -> accent label used in the speaker-attribute answers
-    "en-us": "american", "en-us-nyc": "american", "en-gb": "british",
+ENGLISH_ACCENTS = {  # espeak-ng voice file -> accent label (by file: "en-gb" would drop the variant)
+    "en-us": "american", "en-us-nyc": "american", "en": "british",
     "en-gb-x-rp": "british", "en-gb-scotland": "scottish", "en-gb-x-gbclan": "british",
     "en-gb-x-gbcwmd": "british", "en-029": "caribbean",
 }
@@ -66,8 +67,55 @@ def _trim(wave: np.ndarray, floor: float = 1e-3, pad: int = 1600) -> np.ndarray:
     return wave[max(0, idx[0] - pad): idx[-1] + pad]
 
 
+class _LibEspeak:
+    """libespeak-ng in this process: 4x cheaper than starting the espeak-ng program per clip."""
+
+    _CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+    def __init__(self) -> None:
+        self.lib = ctypes.CDLL("libespeak-ng.so.1")
+        # AUDIO_OUTPUT_SYNCHRONOUS = 2: espeak_Synth returns when the audio is done, no threads
+        self.sr = self.lib.espeak_Initialize(2, 0, None, 0)
+        if self.sr <= 0:
+            raise OSError("espeak_Initialize failed")
+        self.chunks: list[np.ndarray] = []
+        self._cb = self._CB(self._collect)  # keep a reference: C holds only the pointer
+        self.lib.espeak_SetSynthCallback(self._cb)
+
+    def _collect(self, wav, n, events) -> int:
+        if n > 0:
+            self.chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        return 0
+
+    def synth(self, text: str, voice: str, rate: int, pitch: int) -> tuple[np.ndarray, int]:
+        self.chunks = []
+        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise AudioError(f"espeak-ng: unknown voice {voice!r}")
+        self.lib.espeak_SetParameter(1, rate, 0)  # espeakRATE
+        self.lib.espeak_SetParameter(3, pitch, 0)  # espeakPITCH
+        data = text.encode()
+        # position 0, POS_CHARACTER, no end, espeakCHARS_UTF8
+        err = self.lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, 1, None, None)
+        self.lib.espeak_Synchronize()
+        if err != 0 or not self.chunks:
+            raise AudioError(f"espeak-ng {voice}: no audio for {text!r}")
+        return np.concatenate(self.chunks), self.sr
+
+
+_LIB_ESPEAK: _LibEspeak | None | bool = None
+
+
 def espeak(text: str, voice: str, rate: int = 175, pitch: int = 50) -> np.ndarray:
     """espeak-ng -> 16 kHz float32. `voice` like 'en-gb-scotland+f3'."""
+    global _LIB_ESPEAK
+    if _LIB_ESPEAK is None:
+        try:
+            _LIB_ESPEAK = _LibEspeak()
+        except OSError:
+            _LIB_ESPEAK = False  # no shared library: run the program instead
+    if _LIB_ESPEAK:
+        pcm, sr = _LIB_ESPEAK.synth(text, voice, rate, pitch)
+        return _trim(_to_16k(pcm / 32768.0, sr))
     cmd = ["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "--stdout", text]
     out = subprocess.run(cmd, capture_output=True, check=False)
     data = out.stdout
