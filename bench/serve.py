@@ -139,7 +139,7 @@ def main() -> int:
     same = [a["text"] for a in seq] == [b["text"] for b in con]
     tokens = sum(r["tokens"] for r in con)
     speedup = t_seq / t_con
-    ttft = lambda rs, q: float(np.percentile([r["ttft"] for r in rs], q))  # noqa: E731
+    ttft = lambda rs, q: float(np.percentile([r["ttft"] for r in rs], q))
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}; server torch threads {args.threads}")
     print(f"model: {Path(model).name} ({args.dtype}); {args.clients} requests, "

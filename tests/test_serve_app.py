@@ -18,12 +18,12 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("lalm.audio")
 sf = pytest.importorskip("soundfile")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from lalm.serve.app import ServerConfig, create_app  # noqa: E402
-from lalm.serve.engine import Engine  # noqa: E402
-from lalm.serve.fake import FakeBackend  # noqa: E402
-from lalm.serve.media import MediaPolicy  # noqa: E402
+from lalm.serve.app import ServerConfig, create_app
+from lalm.serve.engine import Engine
+from lalm.serve.fake import FakeBackend
+from lalm.serve.media import MediaPolicy
 
 KEY = "sk-test-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -190,57 +190,57 @@ def _abuse_cases(media_dir):
     ok_msgs = [{"role": "user", "content": "hi"}]
     big = base64.b64encode(os.urandom(190_000)).decode()
     return {
-        "malformed JSON": (dict(content=b'{"messages": [', headers={**AUTH, "content-type":
-                           "application/json"}), 400, "could not parse the JSON"),
-        "JSON not an object": (dict(content=b"[1, 2]", headers=AUTH), 400, "must be an object"),
-        "wrong type max_tokens": (dict(json={"messages": ok_msgs, "max_tokens": "5"}), 400,
+        "malformed JSON": ({"content": b'{"messages": [', "headers": {**AUTH, "content-type":
+                           "application/json"}}, 400, "could not parse the JSON"),
+        "JSON not an object": ({"content": b"[1, 2]", "headers": AUTH}, 400, "must be an object"),
+        "wrong type max_tokens": ({"json": {"messages": ok_msgs, "max_tokens": "5"}}, 400,
                                   "max_tokens"),
-        "messages not a list": (dict(json={"messages": "hi"}), 400, "messages"),
-        "content is a number": (dict(json={"messages": [{"role": "user", "content": 5}]}), 400,
+        "messages not a list": ({"json": {"messages": "hi"}}, 400, "messages"),
+        "content is a number": ({"json": {"messages": [{"role": "user", "content": 5}]}}, 400,
                                 "messages[0].content"),
-        "unknown role": (dict(json={"messages": [{"role": "wizard", "content": "x"}]}), 400,
+        "unknown role": ({"json": {"messages": [{"role": "wizard", "content": "x"}]}}, 400,
                          "messages[0].role"),
-        "no messages": (dict(json={"messages": []}), 400, "messages"),
-        "temperature too high": (dict(json={"messages": ok_msgs, "temperature": 9}), 400,
+        "no messages": ({"json": {"messages": []}}, 400, "messages"),
+        "temperature too high": ({"json": {"messages": ok_msgs, "temperature": 9}}, 400,
                                  "temperature"),
-        "image part": (dict(json={"messages": user({"type": "image_url",
-                                                    "image_url": {"url": "x"}})}), 400,
+        "image part": ({"json": {"messages": user({"type": "image_url",
+                                                    "image_url": {"url": "x"}})}}, 400,
                        "image_url"),
-        "bad audio format": (dict(json={"messages": user({"type": "input_audio", "input_audio":
-                                                          {"data": "AAAA", "format": "webm"}})}),
+        "bad audio format": ({"json": {"messages": user({"type": "input_audio", "input_audio":
+                                                          {"data": "AAAA", "format": "webm"}})}},
                              400, "input_audio.format"),
-        "bad base64": (dict(json={"messages": user({"type": "input_audio", "input_audio":
-                                                    {"data": "not base64!!", "format": "wav"}})}),
+        "bad base64": ({"json": {"messages": user({"type": "input_audio", "input_audio":
+                                                    {"data": "not base64!!", "format": "wav"}})}},
                        400, "not valid base64"),
-        "non-audio bytes": (dict(json={"messages": user(audio_part(b"hello, I am text" * 50))}),
+        "non-audio bytes": ({"json": {"messages": user(audio_part(b"hello, I am text" * 50))}},
                             400, "messages[0].content[0]"),
-        "empty audio": (dict(json={"messages": user(audio_part(b""))}), 400, "empty"),
-        "audio too long": (dict(json={"messages": user(audio_part(wav_bytes(4.0, 8000)))}), 400,
+        "empty audio": ({"json": {"messages": user(audio_part(b""))}}, 400, "empty"),
+        "audio too long": ({"json": {"messages": user(audio_part(wav_bytes(4.0, 8000)))}}, 400,
                            "longer than this server's limit"),
-        "oversized body": (dict(json={"messages": user(audio_part(b"x")), "pad": big}), 413,
+        "oversized body": ({"json": {"messages": user(audio_part(b"x")), "pad": big}}, 413,
                            "larger than this server's limit"),
-        "path outside allowed folder": (dict(json={"messages": user({"type": "audio_url",
-                                        "audio_url": {"url": str(outside / "secret.wav")}})}),
+        "path outside allowed folder": ({"json": {"messages": user({"type": "audio_url",
+                                        "audio_url": {"url": str(outside / "secret.wav")}})}},
                                         400, "outside the allowed media folder"),
-        "dot-dot escape": (dict(json={"messages": user({"type": "audio_url", "audio_url":
-                           {"url": f"{d}/../{outside.name}/secret.wav"}})}), 400,
+        "dot-dot escape": ({"json": {"messages": user({"type": "audio_url", "audio_url":
+                           {"url": f"{d}/../{outside.name}/secret.wav"}})}}, 400,
                            "outside the allowed media folder"),
-        "symlink escape": (dict(json={"messages": user({"type": "audio_url", "audio_url":
-                           {"url": str(d / "link.wav")}})}), 400, "outside the allowed"),
-        "missing file": (dict(json={"messages": user({"type": "audio_url", "audio_url":
-                         {"url": str(d / "nope.wav")}})}), 400, "no such file"),
-        "remote URL not allowed": (dict(json={"messages": user({"type": "audio_url", "audio_url":
-                                   {"url": "https://example.com/a.wav"}})}), 400,
+        "symlink escape": ({"json": {"messages": user({"type": "audio_url", "audio_url":
+                           {"url": str(d / "link.wav")}})}}, 400, "outside the allowed"),
+        "missing file": ({"json": {"messages": user({"type": "audio_url", "audio_url":
+                         {"url": str(d / "nope.wav")}})}}, 400, "no such file"),
+        "remote URL not allowed": ({"json": {"messages": user({"type": "audio_url", "audio_url":
+                                   {"url": "https://example.com/a.wav"}})}}, 400,
                                    "remote media URLs are disabled"),
-        "odd URL scheme": (dict(json={"messages": user({"type": "audio_url", "audio_url":
-                           {"url": "ftp://example.com/a.wav"}})}), 400, "unsupported URL scheme"),
-        "audio in system message": (dict(json={"messages": [{"role": "system", "content":
-                                    [audio_part(wav_bytes(0.2))]}, *ok_msgs]}), 400, "system"),
-        "unknown model": (dict(json={"model": "gpt-9", "messages": ok_msgs}), 404,
+        "odd URL scheme": ({"json": {"messages": user({"type": "audio_url", "audio_url":
+                           {"url": "ftp://example.com/a.wav"}})}}, 400, "unsupported URL scheme"),
+        "audio in system message": ({"json": {"messages": [{"role": "system", "content":
+                                    [audio_part(wav_bytes(0.2))]}, *ok_msgs]}}, 400, "system"),
+        "unknown model": ({"json": {"model": "gpt-9", "messages": ok_msgs}}, 404,
                           "does not exist"),
-        "max_tokens beyond context": (dict(json={"messages": ok_msgs, "max_tokens": 10**6}), 400,
+        "max_tokens beyond context": ({"json": {"messages": ok_msgs, "max_tokens": 10**6}}, 400,
                                       "maximum context length"),
-        "top_logprobs without logprobs": (dict(json={"messages": ok_msgs, "top_logprobs": 2}),
+        "top_logprobs without logprobs": ({"json": {"messages": ok_msgs, "top_logprobs": 2}},
                                           400, "logprobs"),
     }
 
@@ -287,17 +287,17 @@ def test_wrong_api_key_is_401(client, headers, needle):
 def test_transcription_abuse(client):
     wav = wav_bytes(0.5)
     cases = [
-        (dict(data={"model": "fake"}), 400, "file"),  # no file
-        (dict(files={"file": ("a.wav", wav)}, data={}), 400, "model"),
-        (dict(files={"file": ("a.wav", wav)}, data={"model": "fake", "response_format": "srt"}),
+        ({"data": {"model": "fake"}}, 400, "file"),  # no file
+        ({"files": {"file": ("a.wav", wav)}, "data": {}}, 400, "model"),
+        ({"files": {"file": ("a.wav", wav)}, "data": {"model": "fake", "response_format": "srt"}},
          400, "response_format"),
-        (dict(files={"file": ("a.txt", b"plain text, not audio" * 20)}, data={"model": "fake"}),
+        ({"files": {"file": ("a.txt", b"plain text, not audio" * 20)}, "data": {"model": "fake"}},
          400, "file"),
-        (dict(files={"file": ("a.wav", wav)}, data={"model": "fake", "temperature": "hot"}),
+        ({"files": {"file": ("a.wav", wav)}, "data": {"model": "fake", "temperature": "hot"}},
          400, "temperature"),
-        (dict(content=b"not multipart", headers={**AUTH, "content-type": "text/plain"}), 400,
+        ({"content": b"not multipart", "headers": {**AUTH, "content-type": "text/plain"}}, 400,
          "multipart"),
-        (dict(files={"file": ("a.wav", os.urandom(250_000))}, data={"model": "fake"}), 413,
+        ({"files": {"file": ("a.wav", os.urandom(250_000))}, "data": {"model": "fake"}}, 413,
          "larger than"),
     ]
     for kwargs, status, needle in cases:
@@ -313,3 +313,45 @@ def test_unknown_route_and_method(client):
     assert r.status_code == 404 and "error" in r.json()
     r = client.get("/v1/chat/completions", headers=AUTH)
     assert r.status_code == 405 and "error" in r.json()
+
+
+def test_remote_media_only_when_allowed(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "clip.wav").write_bytes(wav_bytes(0.5))
+    (tmp_path / "big.wav").write_bytes(wav_bytes(3.0))  # 96 kB, over the 50 kB cap below
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    config = ServerConfig(media=MediaPolicy(allow_remote=True, max_bytes=50_000))
+    try:
+        with TestClient(create_app(Engine(FakeBackend()), config)) as c:
+            def ask(url):
+                return chat(c, {**GREEDY, "messages": user({"type": "audio_url",
+                                                            "audio_url": {"url": url}})}, {})
+            assert ask(f"{base}/clip.wav").status_code == 200
+            r = ask(f"{base}/missing.wav")
+            assert r.status_code == 400 and "HTTP 404" in r.json()["error"]["message"]
+            r = ask(f"{base}/big.wav")
+            assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
+            r = ask("http://127.0.0.1:1/unreachable.wav")
+            assert r.status_code == 400 and "could not fetch" in r.json()["error"]["message"]
+    finally:
+        httpd.shutdown()
+
+
+def test_mp3_input_and_streamed_n_choices(client):
+    r = chat(client, {**GREEDY, "messages": user(audio_part(wav_bytes(0.5, 16000, "MP3"), "mp3"))})
+    assert r.status_code == 200, r.text
+    r = chat(client, {**GREEDY, "messages": [{"role": "user", "content": "two please"}], "n": 2,
+                      "max_tokens": 6, "stream": True})
+    chunks = [json.loads(e) for e in _sse_events(r.text)[:-1]]
+    texts = {0: "", 1: ""}
+    for ch in chunks:
+        for c in ch["choices"]:
+            texts[c["index"]] += c["delta"].get("content") or ""
+    assert texts[0] and texts[0] == texts[1]  # greedy: both choices equal
+    assert sum(1 for ch in chunks for c in ch["choices"] if c["finish_reason"]) == 2

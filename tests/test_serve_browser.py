@@ -22,10 +22,10 @@ pytestmark = [
 playwright_api = pytest.importorskip("playwright.sync_api")
 sf = pytest.importorskip("soundfile")
 
-from lalm.serve.app import create_app  # noqa: E402
-from lalm.serve.cli import background_server  # noqa: E402
-from lalm.serve.engine import Engine  # noqa: E402
-from lalm.serve.fake import FakeBackend  # noqa: E402
+from lalm.serve.app import create_app
+from lalm.serve.cli import background_server
+from lalm.serve.engine import Engine
+from lalm.serve.fake import FakeBackend
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "serve"
 

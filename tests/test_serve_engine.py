@@ -14,8 +14,16 @@ import time
 import httpx
 import pytest
 
-from lalm.serve.engine import Delta, Engine, Failed, Finished, Options, Prepared, QueueFull
-from lalm.serve.engine import ShuttingDown
+from lalm.serve.engine import (
+    Delta,
+    Engine,
+    Failed,
+    Finished,
+    Options,
+    Prepared,
+    QueueFull,
+    ShuttingDown,
+)
 from lalm.serve.fake import FakeBackend
 
 
@@ -54,9 +62,9 @@ def test_requests_join_and_leave_between_steps():
         task_long = asyncio.create_task(collect(long))
         await wait_until(lambda: engine.steps >= 5)
         short = engine.submit(prep(backend, "short"), Options(max_new_tokens=5))
-        text_short, end_short = await collect(short)
+        _text_short, end_short = await collect(short)
         running_after_short = engine.load[0]
-        text_long, end_long = await task_long
+        _text_long, end_long = await task_long
         return end_short, end_long, running_after_short
 
     end_short, end_long, running_after_short = run(main())
@@ -220,20 +228,51 @@ def test_http_full_queue_is_429():
     backend = FakeBackend(step_delay_s=0.005, min_tokens=10**6)
     engine = Engine(backend, max_batch=1, max_queue=0)
     body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4000, "stream": True}
-    with background_server(create_app(engine)) as url:
-        with httpx.Client(timeout=30) as c:
-            with c.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-                assert r.status_code == 200
-                lines = r.iter_lines()  # kept alive: a dropped iterator closes the connection
-                next(lines)
-                r2 = c.post(f"{url}/v1/chat/completions", json={**body, "stream": False})
-                assert r2.status_code == 429
-                assert r2.json()["error"]["type"] == "rate_limit_error"
-                assert "busy" in r2.json()["error"]["message"]
-            deadline = time.monotonic() + 20
-            while engine.load != (0, 0):
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-            r3 = c.post(f"{url}/v1/chat/completions", json={**body, "stream": False,
-                                                              "max_tokens": 3})
-            assert r3.status_code == 200
+    with background_server(create_app(engine)) as url, httpx.Client(timeout=30) as c:
+        with c.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()  # kept alive: a dropped iterator closes the connection
+            next(lines)
+            r2 = c.post(f"{url}/v1/chat/completions", json={**body, "stream": False})
+            assert r2.status_code == 429
+            assert r2.json()["error"]["type"] == "rate_limit_error"
+            assert "busy" in r2.json()["error"]["message"]
+        deadline = time.monotonic() + 20
+        while engine.load != (0, 0):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        r3 = c.post(f"{url}/v1/chat/completions", json={**body, "stream": False,
+                                                          "max_tokens": 3})
+        assert r3.status_code == 200
+
+
+class FailingPrefill(FakeBackend):
+    """Prefill raises for prompts containing 'boom' (like a bad input found only at prefill)."""
+
+    def add(self, rows):
+        if any(p.prompt == BOOM for _, p, _ in rows):
+            from lalm.errors import ContextLengthError
+
+            raise ContextLengthError("prompt 0 is too long")
+        return super().add(rows)
+
+
+BOOM = FakeBackend().prepare([{"role": "user", "content": "boom"}]).prompt
+
+
+def test_failed_prefill_fails_only_its_request():
+    backend = FailingPrefill(step_delay_s=0.002, min_tokens=10**6)
+    engine = Engine(backend, max_batch=4)
+    engine.start()
+
+    async def main():
+        ok = engine.submit(prep(backend, "fine"), Options(max_new_tokens=30))
+        task = asyncio.create_task(collect(ok))
+        await wait_until(lambda: engine.steps >= 3)
+        bad = engine.submit(prep(backend, "boom"), Options(max_new_tokens=30))
+        return await collect(bad), await task
+
+    (_, bad_end), (_, ok_end) = run(main())
+    engine.shutdown(1)
+    assert isinstance(bad_end, Failed) and bad_end.status == 400 and "too long" in bad_end.message
+    assert isinstance(ok_end, Finished) and ok_end.completion_tokens == 30

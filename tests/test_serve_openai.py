@@ -20,11 +20,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("wordfreq")
 sf = pytest.importorskip("soundfile")
 
-from lalm.serve.app import ServerConfig, create_app  # noqa: E402
-from lalm.serve.backend import LALMBackend  # noqa: E402
-from lalm.serve.cli import background_server  # noqa: E402
-from lalm.serve.engine import Engine  # noqa: E402
-from lalm.serve.fake import tiny_random_checkpoint  # noqa: E402
+from lalm.serve.app import ServerConfig, create_app
+from lalm.serve.backend import LALMBackend
+from lalm.serve.cli import background_server
+from lalm.serve.engine import Engine
+from lalm.serve.fake import tiny_random_checkpoint
 
 KEY = "sk-lalm-test"
 

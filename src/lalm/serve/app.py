@@ -14,18 +14,25 @@ import re
 import secrets
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 
 from lalm.audio import SAMPLE_RATE
 from lalm.errors import ContextLengthError, LalmError
@@ -378,7 +385,7 @@ async def _parse_form(request: Request, body: bytes):
 
     try:
         return await Request(request.scope, replay).form()
-    except Exception as e:  # python-multipart's errors: a malformed body is the client's
+    except (StarletteHTTPException, MultiPartException, ValueError) as e:  # a malformed body
         raise APIError(400, f"Malformed multipart body: {e}", code="invalid_multipart") from None
 
 

@@ -59,17 +59,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Check the options before the heavy imports: a typo fails in a blink.
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise ConfigError("--max-batch must be >= 1 and --max-queue >= 0")
+    allowed = args.allowed_local_media_path
+    if allowed is not None and not allowed.is_dir():
+        raise ConfigError(f"--allowed-local-media-path: {allowed} is not a folder")
+    if not (args.fake or args.model):
+        raise ConfigError("--model PATH is required (or --fake)")
+
     import uvicorn
 
     from lalm.serve.app import ServerConfig, create_app
     from lalm.serve.engine import Engine
     from lalm.serve.media import MediaPolicy
 
-    if args.max_batch < 1 or args.max_queue < 0:
-        raise ConfigError("--max-batch must be >= 1 and --max-queue >= 0")
-    allowed = args.allowed_local_media_path
-    if allowed is not None and not allowed.is_dir():
-        raise ConfigError(f"--allowed-local-media-path: {allowed} is not a folder")
     if args.threads:
         import torch
 
@@ -78,14 +82,12 @@ def run(args: argparse.Namespace) -> int:
         from lalm.serve.fake import FakeBackend
 
         backend = FakeBackend(step_delay_s=0.02, model_name=args.served_model_name or "fake")
-    elif args.model:
+    else:
         from lalm.serve.backend import LALMBackend
 
         backend = LALMBackend.load(args.model, dtype=args.dtype, device=args.device,
                                    max_batch=args.max_batch, max_model_len=args.max_model_len,
                                    name=args.served_model_name)
-    else:
-        raise ConfigError("--model PATH is required (or --fake)")
     config = ServerConfig(
         api_key=args.api_key or None,
         max_request_bytes=args.max_request_bytes,

@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from lalm.errors import LalmError
+
 log = logging.getLogger("lalm.serve")
 
 
@@ -265,9 +267,19 @@ class Engine:
             self._finish(r, Finished("abort", r.prepared.prompt_tokens, r.completion_tokens))
         if admitted:
             # Prefill new rows now; everyone decodes together from the next step on.
+            try:
+                updates = self.backend.add([(r.key, r.prepared, r.options) for r in admitted])
+            except Exception as e:
+                # Only the new rows fail (DecodeState checks before it touches the live rows).
+                log.exception("prefill failed")
+                self.backend.remove([r.key for r in admitted])
+                status = 400 if isinstance(e, LalmError) else 500
+                for r in admitted:
+                    self._finish(r, Failed(f"prefill failed: {e}", status))
+                return
             for r in admitted:
                 self._running[r.key] = r
-            self._consume(self.backend.add([(r.key, r.prepared, r.options) for r in admitted]))
+            self._consume(updates)
             self._prefilled_last = True
         elif self._running:
             self._consume(self.backend.step())

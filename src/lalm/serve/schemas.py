@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -81,13 +81,13 @@ class AudioURLPart(_Strict):
     audio_url: AudioURL
 
 
-Part = Annotated[Union[TextPart, InputAudioPart, AudioURLPart], Field(discriminator="type")]
+Part = Annotated[TextPart | InputAudioPart | AudioURLPart, Field(discriminator="type")]
 
 
 class Message(_Strict):
     # "developer" is OpenAI's newer name for the system role.
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[Part], None] = None
+    content: str | list[Part] | None = None
 
 
 class StreamOptions(_Strict):
@@ -104,13 +104,13 @@ class ChatRequest(_Strict):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
-    stop: Union[str, list[str], None] = None
+    stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=16)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @model_validator(mode="after")
-    def _check(self) -> "ChatRequest":
+    def _check(self) -> ChatRequest:
         if isinstance(self.stop, list) and len(self.stop) > 4:
             raise ValueError("stop: at most 4 stop sequences")
         if self.stop is not None and any(s == "" for s in self.stop_list()):
