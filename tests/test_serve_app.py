@@ -240,6 +240,10 @@ def _abuse_cases(media_dir):
                           "does not exist"),
         "max_tokens beyond context": ({"json": {"messages": ok_msgs, "max_tokens": 10**6}}, 400,
                                       "maximum context length"),
+        "deeply nested JSON": ({"content": b"[" * 100_000, "headers": AUTH}, 400, "nested"),
+        "lone surrogate": ({"content": b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+                            "headers": AUTH}, 400, "lone surrogate"),
+        "seed out of range": ({"json": {"messages": ok_msgs, "seed": 10**30}}, 400, "seed"),
         "top_logprobs without logprobs": ({"json": {"messages": ok_msgs, "top_logprobs": 2}},
                                           400, "logprobs"),
     }
@@ -252,6 +256,7 @@ ABUSE_NAMES = [
     "oversized body", "path outside allowed folder", "dot-dot escape", "symlink escape",
     "missing file", "remote URL not allowed", "odd URL scheme", "audio in system message",
     "unknown model", "max_tokens beyond context", "top_logprobs without logprobs",
+    "deeply nested JSON", "lone surrogate", "seed out of range",
 ]
 
 

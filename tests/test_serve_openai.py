@@ -151,3 +151,14 @@ def test_32_concurrent_clients_equal_one_at_a_time(server):
     assert engine.max_rows_seen > 1  # they really shared the batch
     assert all(n >= 1 for _, n, _ in alone)
     assert len({text for text, _, _ in alone}) > 16  # varied answers, not one degenerate string
+
+
+def test_prompt_beyond_context_is_a_400(server):
+    client, _, _ = server
+    for words in (700, 6000):  # past the server's 1024-token rows; past the model's 4096 positions
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny-serve", messages=[
+                {"role": "user", "content": "the people of the world " * (words // 5)}])
+        assert e.value.body["code"] == "context_length_exceeded", e.value.body
+    assert client.chat.completions.create(model="tiny-serve", max_tokens=2, messages=[
+        {"role": "user", "content": "still serving?"}]).choices[0].message.content is not None

@@ -103,7 +103,7 @@ class ChatRequest(_Strict):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch's seeding takes
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=16)
     logprobs: bool = False
@@ -175,9 +175,34 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
             f"We could not parse the JSON body of your request ({e}). The body must be JSON.",
             code="invalid_json",
         ) from None
+    except RecursionError:
+        raise APIError(400, "The JSON body is nested too deeply.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "The JSON body must be an object.", code="invalid_json")
+    _check_strings(body)
     return body
+
+
+def _check_strings(body: Any) -> None:
+    """Refuse lone surrogates (`"\\ud800"`): valid JSON, but not text any tokenizer can encode."""
+    stack = [body]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            stack.extend(x.values())
+            stack.extend(x.keys())
+        elif isinstance(x, list):
+            stack.extend(x)
+        elif isinstance(x, str) and not x.isascii():
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(
+                    400,
+                    f"The JSON body contains a lone surrogate escape in {x[:40]!r}; "
+                    "strings must be valid Unicode.",
+                    code="invalid_json",
+                ) from None
 
 
 def parse_chat_request(raw: bytes) -> ChatRequest:
