@@ -3,7 +3,8 @@ microphone that plays a wav file.
 
 Run: .venv/bin/pytest -q -s tests/test_serve_browser.py   (needs /usr/bin/chromium)
 Records a voice turn from the fake mic, sends it, watches the answer stream in, types a
-follow-up, and saves a phone-sized screenshot under artifacts/serve/ (path printed).
+follow-up, uploads a file with a question, and saves a phone-sized screenshot under
+artifacts/serve/ (path printed).
 """
 
 from __future__ import annotations
@@ -105,6 +106,17 @@ def test_voice_turn_in_chromium(tmp_path):
             page.wait_for_selector(".turn.assistant[data-done='1'] >> nth=1", timeout=60000)
             roles = [m["role"] for m in backend.conversations[-1]]
             assert roles == ["user", "assistant", "user"]
+
+            # An uploaded file with a question: a third turn with its own audio player.
+            page.set_input_files("#file", str(wav))
+            page.wait_for_selector("#attachments audio", timeout=15000)
+            page.fill("#text", "Is this the same sound?")
+            page.click("#send")
+            page.wait_for_selector(".turn.assistant[data-done='1'] >> nth=2", timeout=60000)
+            last = backend.conversations[-1][-1]["content"]
+            assert [p["type"] for p in last] == ["audio", "text"]
+            assert abs(len(last[0]["audio"]["array"]) / 16000 - 3.0) < 0.05  # the whole file
+            assert page.locator(".turn.user audio").count() == 2
             assert page.locator(".turn.error").count() == 0 and not errors, errors
 
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
