@@ -228,7 +228,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     @app.get("/health")
     async def health():
         running, waiting = engine.load
-        return {"status": "ok", "model": model_name, "running": running, "waiting": waiting}
+        body = {"status": "ok" if engine.alive else "engine stopped", "model": model_name,
+                "running": running, "waiting": waiting}
+        return JSONResponse(body, status_code=200 if engine.alive else 503)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -252,7 +254,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         base = options_for(req, prepared.prompt_tokens)
         # n choices are n rows; with a seed, row i uses seed+i so sampled choices differ.
         opts = [
-            base if base.seed is None or i == 0 else replace(base, seed=base.seed + i)
+            base if base.seed is None or i == 0 else replace(base, seed=(base.seed + i) % 2**63)
             for i in range(req.n)
         ]
         handles = submit_all(prepared, opts)

@@ -184,6 +184,10 @@ class Engine:
             self._thread = None
 
     @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def load(self) -> tuple[int, int]:
         """(running, waiting) requests."""
         with self._cv:
@@ -227,7 +231,12 @@ class Engine:
                 running = len(self._running) - sum(r.key in self._running for r in dropped)
                 # Prefills and decode steps alternate while requests keep arriving, so a
                 # stream of arrivals cannot stall the rows already decoding.
-                admitted = [] if self._prefilled_last and running else self._admissible(running)
+                try:
+                    admitted = [] if self._prefilled_last and running else self._admissible(running)
+                except Exception:  # a backend bug: the request it choked on fails, not the server
+                    log.exception("backend.can_add failed")
+                    admitted = []
+                    self._finish(self._waiting.pop(0), Failed("internal error in the engine"))
                 self._waiting = self._waiting[len(admitted):]
             try:
                 self._tick(dropped, admitted)
