@@ -140,8 +140,10 @@ def test_32_concurrent_clients_equal_one_at_a_time(server):
     reqs = requests(32)
 
     def ask(req):
-        r = client.chat.completions.create(model="tiny-serve", temperature=0, **req)
-        return r.choices[0].message.content, r.usage.completion_tokens, r.choices[0].finish_reason
+        r = client.chat.completions.create(model="tiny-serve", temperature=0, logprobs=True, **req)
+        c = r.choices[0]
+        tokens = tuple(e.token for e in c.logprobs.content)  # token by token, not just the text
+        return c.message.content, tokens, r.usage.completion_tokens, c.finish_reason
 
     alone = [ask(r) for r in reqs]
     engine.max_rows_seen = 0
@@ -149,8 +151,8 @@ def test_32_concurrent_clients_equal_one_at_a_time(server):
         together = list(pool.map(ask, reqs))
     assert together == alone
     assert engine.max_rows_seen > 1  # they really shared the batch
-    assert all(n >= 1 for _, n, _ in alone)
-    assert len({text for text, _, _ in alone}) > 16  # varied answers, not one degenerate string
+    assert all(n >= 1 for _, _, n, _ in alone)
+    assert len({text for text, _, _, _ in alone}) > 16  # varied answers, not one degenerate string
 
 
 def test_prompt_beyond_context_is_a_400(server):
