@@ -276,3 +276,26 @@ def test_failed_prefill_fails_only_its_request():
     engine.shutdown(1)
     assert isinstance(bad_end, Failed) and bad_end.status == 400 and "too long" in bad_end.message
     assert isinstance(ok_end, Finished) and ok_end.completion_tokens == 30
+
+
+def test_http_oversized_bodies_are_413_and_server_keeps_serving():
+    """Over real HTTP: a declared, a 10x and a chunked (no Content-Length) oversized body."""
+    pytest.importorskip("fastapi")
+    from lalm.serve.app import ServerConfig, create_app
+    from lalm.serve.cli import background_server
+
+    config = ServerConfig(max_request_bytes=1_000_000)
+    with background_server(create_app(Engine(FakeBackend()), config)) as url:
+        def chunks():
+            for _ in range(30):
+                yield b"a" * 100_000
+
+        big = b'{"messages": "' + b"a" * 10_000_000 + b'"}'
+        for content in (big[:2_000_000], big, chunks()):
+            r = httpx.post(f"{url}/v1/chat/completions", content=content, timeout=60,
+                           headers={"content-type": "application/json"})
+            assert r.status_code == 413, r.text
+            assert "larger than this server's limit" in r.json()["error"]["message"]
+        ok = httpx.post(f"{url}/v1/chat/completions",
+                        json={"messages": [{"role": "user", "content": "hi"}]}, timeout=60)
+        assert ok.status_code == 200
