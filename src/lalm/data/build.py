@@ -81,6 +81,7 @@ def _finish(recs: list[dict], prefix: str, durations: dict[str, float]) -> list[
 
 
 CHUNK = 32  # clips per fresh worker process
+PIPER_CHUNK = 64  # Piper clips per process: loading the voice costs about a second
 
 
 def _render_all(jobs: list[tuple[str, dict]], workers: int, progress: bool) -> dict[str, int]:
@@ -91,7 +92,14 @@ def _render_all(jobs: list[tuple[str, dict]], workers: int, progress: bool) -> d
     """
     from tqdm import tqdm
 
-    chunks = [jobs[i: i + CHUNK] for i in range(0, len(jobs), CHUNK)]
+    chunks: list[list[tuple[str, dict]]] = []
+    for job in jobs:  # fixed boundaries: a function of the job list only
+        size = PIPER_CHUNK if job[1].get("engine") == "piper" else CHUNK
+        last = chunks[-1] if chunks else None
+        if last and len(last) < size and (last[0][1].get("engine") == "piper") == (size == PIPER_CHUNK):
+            last.append(job)
+        else:
+            chunks.append([job])
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["lalm.data.render"])
     out: dict[str, int] = {}
@@ -152,9 +160,9 @@ def write_readme(path: Path, manifests: dict[str, list[dict]], res: BuildResult,
              f"- audio clips: {res.n_clips}, {res.audio_seconds / 3600:.2f} hours, 16 kHz mono PCM_16",
              f"- distinct training voices: {res.voices}",
              f"- build time: {res.seconds:.0f} s with {workers} worker(s)", "",
-             "Evaluation sets under eval/ come only from held-out sources (Piper joe, "
-             "pocketsphinx-testdata, alsa-utils, held-out sonic-pi files); the builder refuses them "
-             "in training.", "", "## Lines per task", "",
+             ("Evaluation sets under eval/ come only from held-out sources (Piper joe, "
+              "pocketsphinx-testdata, alsa-utils, held-out sonic-pi files); the builder refuses "
+              "them in training."), "", "## Lines per task", "",
              "| task | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for task in sorted({t for t, _ in by_task}):
         lines.append(f"| {task} | " + " | ".join(str(by_task[(task, k)]) for k in keys) + " |")

@@ -91,14 +91,15 @@ class EvalPlanner:
 
     def plan(self, vocab: list[str]) -> None:
         rng, piper_src = self.rng, f"piper:{PIPER_VOICE}"
-        asr = []
+        asr: dict[str, str] = {}  # text -> kind
         while len(asr) < self.n_asr:
-            t = sentences.sentence(rng, vocab)[1]
-            if t not in asr and len(t.split()) >= 2:
-                asr.append(t)
-        for t in asr:
+            kind, t = sentences.sentence(rng, vocab)
+            if len(t.split()) >= 2:
+                asr.setdefault(t, kind)
+        for t, kind in asr.items():
             c = self._clip("asr_piper", {"kind": "tts", "engine": "piper", "voice": PIPER_VOICE,
-                                         "rate": 175, "pitch": 50, "text": t, "gain_db": 0.0}, piper_src)
+                                         "rate": 175, "pitch": 50, "text": sentences.spoken(kind, t),
+                                         "gain_db": 0.0}, piper_src)
             self._line("asr_piper", c, "asr", [audio(c), text(P.ASR_CANONICAL)], t, "en")
         qs: dict[str, str] = {}
         while len(qs) < self.n_chat:

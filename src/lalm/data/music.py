@@ -36,7 +36,7 @@ def _note(freq: float, seconds: float, timbre: str, rng: np.random.Generator) ->
     elif timbre == "bell":  # inharmonic partials, fast decay
         w = sum(np.sin(r * ph) / (i + 1) for i, r in enumerate((1, 2.76, 5.4))) * np.exp(-4 * t)
     elif timbre == "pluck":  # Karplus-Strong string
-        period = max(2, int(round(SR / freq)))
+        period = max(2, round(SR / freq))
         buf = rng.uniform(-1, 1, period)
         w = np.empty(n)
         for i in range(n):

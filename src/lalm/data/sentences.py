@@ -3,6 +3,7 @@
 Targets are lower-case words without punctuation (numbers spelled out), which is what the
 synthesisers say and what WER scoring normalises to anyway. Kinds of text:
 - `everyday`: grammatical sentences from templates over a hand-written lexicon;
+- `long`: two such clauses joined (8-20 words);
 - `wordlist`: 4-9 words drawn from the `wordfreq` top-20k English list (broad coverage);
 - `number`, `letters`, `nato`, `date`, `command`, `cards`: short domain utterances.
 The eval sets draw from the same generators with other seeds; `build.py` keeps them disjoint.
@@ -25,6 +26,10 @@ ORDINALS = ("first second third fourth fifth sixth seventh eighth ninth tenth el
 NATO = ("alfa bravo charlie delta echo foxtrot golf hotel india juliett kilo lima mike november "
         "oscar papa quebec romeo sierra tango uniform victor whiskey x-ray yankee zulu").split()
 LETTERS = list("abcdefghijklmnopqrstuvwxyz")
+# What to say for a letter name: synthesisers read a lone "a" as the article.
+LETTER_NAMES = dict(zip(LETTERS, (
+    "ay bee see dee ee eff jee aitch eye jay kay el em en oh pee queue are ess tee you vee "
+    "double-you ex why zed").split()))
 
 NAMES = ("anna ben carla david emma frank grace henry isabel jack kate leo maria nick olivia "
          "peter rosa sam tom uma victor wendy james sarah michael laura daniel helen paul lucy "
@@ -246,8 +251,15 @@ def cards(rng: random.Random) -> str:
 
 
 # kind -> share of the English ASR text (sums to 1)
-KIND_WEIGHTS = {"everyday": 0.45, "wordlist": 0.25, "number": 0.08, "letters": 0.04,
-                "nato": 0.04, "date": 0.05, "command": 0.06, "cards": 0.03}
+KIND_WEIGHTS = {"everyday": 0.38, "long": 0.08, "wordlist": 0.23, "number": 0.08,
+                "letters": 0.04, "nato": 0.04, "date": 0.05, "command": 0.06, "cards": 0.04}
+
+
+def spoken(kind: str, text: str) -> str:
+    """The text to synthesise for a target: letter names for spelled letters."""
+    if kind == "letters":
+        return ", ".join(LETTER_NAMES[c] for c in text.split())
+    return text
 
 
 def sentence(rng: random.Random, vocab: list[str], kind: str | None = None) -> tuple[str, str]:
@@ -256,6 +268,9 @@ def sentence(rng: random.Random, vocab: list[str], kind: str | None = None) -> t
         kind = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
     if kind == "wordlist":
         return kind, wordlist(rng, vocab)
+    if kind == "long":  # two clauses, 8-20 words, like the longer real-speech sentences
+        joint = rng.choice(("and", "but", "because", "so", "while", "after"))
+        return kind, f"{everyday(rng)} {joint} {everyday(rng)}"
     fn = {"everyday": everyday, "number": number, "letters": letters, "nato": nato,
           "date": date, "command": command, "cards": cards}[kind]
     return kind, " ".join(fn(rng).split())

@@ -26,13 +26,15 @@ from lalm.data.voices import (
 
 # clips per task (train + dev); examples per clip vary by task
 SIZES = {
-    "small": dict(asr=120, voice_chat=50, lid=25, sound=40, music=20, mixed=10, turns=8,
-                  silence=5, multi=16, multi_turn=10, eval_asr=6, eval_chat=6),
-    "full": dict(asr=7000, voice_chat=3000, lid=1500, sound=1500, music=900, mixed=500,
-                 turns=400, silence=150, multi=700, multi_turn=500, eval_asr=200, eval_chat=150),
+    "small": {"asr": 120, "voice_chat": 50, "lid": 25, "sound": 40, "music": 20, "mixed": 10,
+              "turns": 8, "silence": 5, "multi": 16, "multi_turn": 10, "eval_asr": 6,
+              "eval_chat": 6},
+    "full": {"asr": 7000, "voice_chat": 3000, "lid": 1500, "sound": 1500, "music": 900,
+             "mixed": 500, "turns": 400, "silence": 150, "multi": 700, "multi_turn": 500,
+             "eval_asr": 150, "eval_chat": 120},
 }
 DEV_SHARE = 0.05
-FLITE_SHARE = 0.1
+FLITE_SHARE = 0.08
 NOISE_SHARE = 0.15  # speech clips with added noise at a known SNR
 
 
@@ -142,9 +144,7 @@ class Planner:
             split, v = self.split(), self.voice()
             kind = sentences.sentence(rng, self.vocab)[0]
             words = self.new_text(lambda k=kind: sentences.sentence(rng, self.vocab, k)[1])
-            spoken = words.upper() if kind == "letters" else words  # letter names, not "a"
-            rec = self.speech(v, spoken)
-            rec["text_target"] = words
+            rec = self.speech(v, sentences.spoken(kind, words))
             meta = {"voice": v.name, "rate": v.rate, "pitch": v.pitch}
             if "noise" in rec:
                 meta["snr_db"] = rec["noise"]["snr_db"]
