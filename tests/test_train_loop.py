@@ -119,6 +119,8 @@ def test_lora_run_saves_merged_weights(tmp_path):
     assert torch.equal(after["language_model.model.layers.0.mlp.up_proj.weight"],
                        before["language_model.model.layers.0.mlp.up_proj.weight"])  # frozen, untouched
     assert not torch.equal(after["multi_modal_projector.linear.weight"], before["multi_modal_projector.linear.weight"])
+    enc = "audio_tower.layers.0.self_attn.q_proj.weight"  # lora_components defaults to the decoder only
+    assert torch.equal(after[enc], before[enc])
 
 
 def test_trained_checkpoint_loads_in_transformers_with_equal_logits(tmp_path):

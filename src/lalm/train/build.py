@@ -15,6 +15,7 @@ state for `--resume`.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -111,8 +112,12 @@ def apply_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module
     if cfg.lora_r:
         from peft import LoraConfig, inject_adapter_in_model
 
+        # q_proj exists in the encoder and the decoder: a regex over full module names keeps
+        # the adapters inside lora_components.
+        prefixes = "|".join(re.escape(COMPONENT_PREFIX[c]) for c in cfg.lora_components)
+        names = "|".join(re.escape(n) for n in cfg.lora_target_modules)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=list(cfg.lora_target_modules))
+                          target_modules=rf"^(?:{prefixes}).*\.(?:{names})$")
         try:
             model = inject_adapter_in_model(lora, model)
         except ValueError as e:  # peft: "Target modules ... not found in the base model"

