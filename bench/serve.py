@@ -86,6 +86,32 @@ async def run(url: str, reqs: list[dict], concurrent: bool) -> tuple[float, list
         return time.perf_counter() - t0, list(out)
 
 
+def decode_scaling(model: str, dtype: str, threads: int) -> dict[int, float]:
+    """Decode tokens/s of `DecodeState.step` alone at batch 1, 8, 32 (no HTTP, no prefill):
+    the ceiling continuous batching can reach on this machine."""
+    import torch
+
+    import lalm
+    from lalm import generate as gen
+    from lalm.processor import collate
+
+    torch.set_num_threads(threads)
+    m = lalm.load(model, dtype=dtype)
+    ex = m.prepare([{"role": "user", "content": "Tell me about the sounds of the city."}])
+    out = {}
+    for b in (1, 8, 32):
+        rows = [gen.Row(options=m.options(max_new_tokens=200, min_new_tokens=200, temperature=0),
+                        key=i) for i in range(b)]
+        state = gen.DecodeState.start(m.model, collate([ex] * b, m.tokenizer.pad_id), rows,
+                                      max_rows=b, max_len=len(ex) + 201)
+        state.step()
+        t0 = time.perf_counter()
+        for _ in range(30):
+            state.step()
+        out[b] = 30 * b / (time.perf_counter() - t0)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -149,6 +175,9 @@ def main() -> int:
     print(f"concurrent: {t_con:7.2f} s  {tokens / t_con:8.1f} tok/s  {len(reqs) / t_con:6.2f} req/s"
           f"  TTFT p50 {ttft(con, 50):.3f} s, p95 {ttft(con, 95):.3f} s")
     print(f"speedup: {speedup:.2f}x   identical greedy outputs: {same}")
+    scaling = decode_scaling(model, args.dtype, args.threads)
+    print("decode only (DecodeState.step): " + ", ".join(
+        f"batch {b}: {v:.0f} tok/s" for b, v in scaling.items()))
     print("\nmarkdown row:")
     print(f"| {Path(model).name} | {args.dtype} | {args.clients} | {args.max_tokens} | "
           f"{tokens / t_seq:.1f} | {tokens / t_con:.1f} | {speedup:.1f}x | "
