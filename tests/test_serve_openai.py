@@ -63,7 +63,7 @@ def requests(n: int) -> list[dict]:
         if kind != 1:
             content.append({"type": "text", "text": f"Question {i}: " + "tell me more " * (i % 4)})
         out.append({"messages": [{"role": "user", "content": content}],
-                    "max_tokens": 6 + (i * 7) % 20})
+                    "max_tokens": 4 + (i * 5) % 13})
     return out
 
 
