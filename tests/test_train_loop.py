@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import lalm
+
 from lalm.processor import collate, prepare
 from lalm.tokenizer import Tokenizer
 from lalm.train.config import TrainConfig
@@ -58,12 +60,14 @@ def test_tiny_model_overfits_eight_asr_examples(tmp_path):
     rows = read_metrics(tmp_path / "out")
     assert [r["step"] for r in rows] == list(range(1, 91))
     assert rows[-1]["loss"] < 0.05 < rows[0]["loss"]
+    prompts = [[{"role": "user", "content": [{"type": "audio", "audio": str(tmp_path / f"tone-{k}-0.wav")},
+                                             {"type": "text", "text": PROMPT}]}] for k in range(8)]
+    # the reference argmax loop here, and lalm's own decoder (lalm.load -> generate.py)
     model = load_checkpoint(result.final, dtype=torch.float32)
     tok = Tokenizer.load(result.final)
-    for k in range(8):
-        prompt = [{"role": "user", "content": [{"type": "audio", "audio": str(tmp_path / f"tone-{k}-0.wav")},
-                                               {"type": "text", "text": PROMPT}]}]
-        assert greedy(model, tok, prompt, model.config.audio.num_mel_bins) == WORDS[k]
+    assert [greedy(model, tok, p, model.config.audio.num_mel_bins) for p in prompts] == WORDS[:8]
+    outputs = lalm.load(result.final).generate(prompts, max_new_tokens=10, temperature=0.0)
+    assert [o.text for o in outputs] == WORDS[:8]
     assert (tmp_path / "out" / "loss.png").stat().st_size > 0
     assert list((tmp_path / "out" / "tensorboard").iterdir())
 
