@@ -360,3 +360,44 @@ def test_mp3_input_and_streamed_n_choices(client):
             texts[c["index"]] += c["delta"].get("content") or ""
     assert texts[0] and texts[0] == texts[1]  # greedy: both choices equal
     assert sum(1 for ch in chunks for c in ch["choices"] if c["finish_reason"]) == 2
+
+
+def _mutations(rng, value, depth=0):
+    """Random variants of a JSON value: wrong types, odd numbers, deleted or extra keys."""
+    odd = [None, True, 0, -1, 2**70, 1e308, "", "x" * 300, "\u00e9\U0001f600", [], {}, [None],
+           {"type": "input_audio"}, "data:audio/wav;base64,@@@", "../../etc/passwd"]
+    choice = rng.integers(4)
+    if isinstance(value, dict) and value and choice == 0:
+        key = list(value)[rng.integers(len(value))]
+        return {k: v for k, v in value.items() if k != key}  # drop a key
+    if isinstance(value, dict) and value and choice == 1 and depth < 6:
+        key = list(value)[rng.integers(len(value))]
+        return {**value, key: _mutations(rng, value[key], depth + 1)}
+    if isinstance(value, list) and value and choice == 1 and depth < 6:
+        i = int(rng.integers(len(value)))
+        return value[:i] + [_mutations(rng, value[i], depth + 1)] + value[i + 1:]
+    return odd[rng.integers(len(odd))]
+
+
+def test_fuzzed_requests_never_5xx(client, media_dir, seed=0, n=100):
+    rng = np.random.default_rng(seed)
+    valid = {"model": "fake", "temperature": 0.5, "max_tokens": 3, "stop": ["x"], "n": 1,
+             "logprobs": False, "messages": [
+                 {"role": "system", "content": "Be brief."},
+                 {"role": "user", "content": [
+                     audio_part(wav_bytes(0.2)),
+                     {"type": "audio_url", "audio_url": {"url": "ok.wav"}},
+                     {"type": "text", "text": "What is it?"}]}]}
+    statuses = []
+    for _ in range(n):
+        body = valid
+        for _ in range(int(rng.integers(1, 4))):
+            body = _mutations(rng, body)
+        r = client.post("/v1/chat/completions", content=json.dumps(body).encode(),
+                        headers={**AUTH, "content-type": "application/json"})
+        assert r.status_code < 500, (body, r.text)
+        if r.status_code >= 400:
+            assert r.json()["error"]["message"]
+        statuses.append(r.status_code)
+    assert 200 in statuses and 400 in statuses  # both kinds were exercised
+    assert_serving(client)
