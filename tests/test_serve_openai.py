@@ -164,3 +164,19 @@ def test_prompt_beyond_context_is_a_400(server):
         assert e.value.body["code"] == "context_length_exceeded", e.value.body
     assert client.chat.completions.create(model="tiny-serve", max_tokens=2, messages=[
         {"role": "user", "content": "still serving?"}]).choices[0].message.content is not None
+
+
+def test_transcription_with_a_base_model_raw_prompt(server):
+    """--asr-raw-prompt: the base checkpoint's pre-training prompt, language tag filled in."""
+    _, model, _ = server
+    raw = "<|audio_bos|><|AUDIO|><|audio_eos|>Detect the language and recognize the speech: "
+    config = ServerConfig(default_max_tokens=16, asr_raw_prompt=raw + "<|{language}|>")
+    engine = Engine(LALMBackend(model, max_batch=4, max_model_len=512, name="base"))
+    wav = base64.b64decode(wav_b64(0.8, 5))
+    with background_server(create_app(engine, config)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        t = client.audio.transcriptions.create(model="base", language="fr",
+                                               file=("a.wav", wav, "audio/wav"))
+    (ref,) = model.generate({"prompt": raw + "<|fr|>", "audios": [wav]}, max_new_tokens=16,
+                            temperature=0)
+    assert t.text == ref.text.strip()

@@ -51,7 +51,8 @@ class ServerConfig:
     max_request_bytes: int = 25 * 1024 * 1024
     media: MediaPolicy = field(default_factory=MediaPolicy)
     default_max_tokens: int = 512  # when a request sets neither max_tokens nor its new name
-    asr_prompt: str = ASR_PROMPT
+    asr_prompt: str = ASR_PROMPT  # instruct checkpoints: the user turn's instruction
+    asr_raw_prompt: str | None = None  # base checkpoints: a raw prompt with <|AUDIO|>
     shutdown_grace_s: float = 30.0
     prepare_workers: int = 2  # requests whose audio is decoded/featurized at the same time
 
@@ -152,7 +153,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
                 "model_not_found",
             )
 
-    def prepare(conversation: list[dict]):
+    def prepare(conversation: list[dict] | dict):
         try:
             return backend.prepare(conversation)
         except ContextLengthError as e:
@@ -310,15 +311,21 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         if language and not re.fullmatch(r"[A-Za-z]{2,3}", language):
             raise APIError(400, f"language: {language!r} is not an ISO-639-1 code", "language")
         temperature = _float_field(form, "temperature", 0.0, 0.0, 2.0)
-        # OpenAI's `prompt` steers a Whisper decoder's style; ours is an instruction-tuned
-        # model whose ASR prompt is fixed, so `prompt` is accepted and not used.
+        # OpenAI's `prompt` steers a Whisper decoder's style; our ASR prompt is the one the
+        # model was trained with, so `prompt` is accepted and not used.
         raw = await upload.read()
         async with preparing:
             wave = await run_in_threadpool(decode_audio, raw, "file", config.media)
-        conversation = [{"role": "user", "content": [
-            {"type": "audio", "audio": {"array": wave, "sampling_rate": SAMPLE_RATE}},
-            {"type": "text", "text": config.asr_prompt},
-        ]}]
+        audio = {"array": wave, "sampling_rate": SAMPLE_RATE}
+        if config.asr_raw_prompt:
+            # A base checkpoint: its raw pre-training prompt, the language tag filled in.
+            text = config.asr_raw_prompt.replace("{language}", (language or "en").lower())
+            conversation = {"prompt": text, "audios": [audio]}
+        else:
+            conversation = [{"role": "user", "content": [
+                {"type": "audio", "audio": audio},
+                {"type": "text", "text": config.asr_prompt},
+            ]}]
         async with preparing:
             prepared = await run_in_threadpool(prepare, conversation)
         room = backend.max_context - prepared.prompt_tokens

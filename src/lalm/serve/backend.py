@@ -52,7 +52,8 @@ class LALMBackend:
         return cls(lalm.load(path, dtype=dtype, device=device), max_batch, max_model_len, name)
 
     # ---- per request (worker threads) ----
-    def prepare(self, conversation: list[dict]) -> Prepared:
+    def prepare(self, conversation: list[dict] | dict) -> Prepared:
+        """Messages, or a base model's raw prompt {"prompt": str with <|AUDIO|>, "audios": [...]}."""
         example = self.lalm.prepare(conversation)
         return Prepared(prompt=example, prompt_tokens=len(example))
 

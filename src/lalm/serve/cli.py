@@ -47,7 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=512,
                    help="completion length when a request does not set max_tokens")
     p.add_argument("--asr-prompt", default="Transcribe this audio.",
-                   help="instruction used by /v1/audio/transcriptions")
+                   help="instruction used by /v1/audio/transcriptions (instruct checkpoints)")
+    p.add_argument("--asr-raw-prompt", default=None,
+                   help="for a base checkpoint: the raw ASR prompt, e.g. '<|audio_bos|><|AUDIO|>"
+                        "<|audio_eos|>Detect the language and recognize the speech: <|{language}|>'"
+                        " ({language} = the request's language, default en)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="KV-cache tokens per row (prompt + answer; default min(context, 4096))")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
@@ -99,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         ),
         default_max_tokens=args.max_tokens,
         asr_prompt=args.asr_prompt,
+        asr_raw_prompt=args.asr_raw_prompt,
         shutdown_grace_s=args.shutdown_grace,
     )
     app = create_app(Engine(backend, max_batch=args.max_batch, max_queue=args.max_queue,
