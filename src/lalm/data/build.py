@@ -34,7 +34,8 @@ class BuildResult:
     n_clips: int
     audio_seconds: float
     voices: int
-    seconds: float
+    seconds: float  # wall clock
+    render_cpu: float  # CPU seconds the workers spent rendering (shared machines: compare this)
 
 
 def _recipe_held_out(r: dict) -> str | None:
@@ -84,7 +85,7 @@ CHUNK = 32  # clips per fresh worker process
 PIPER_CHUNK = 64  # Piper clips per process: loading the voice costs about a second
 
 
-def _render_all(jobs: list[tuple[str, dict]], workers: int, progress: bool) -> dict[str, int]:
+def _render_all(jobs: list[tuple[str, dict]], workers: int, progress: bool) -> tuple[dict[str, int], float]:
     """Render every job; chunks are fixed and each runs in a new process (see render_chunk).
 
     The processes fork from a forkserver that imported the renderer but never rendered, so
@@ -103,12 +104,14 @@ def _render_all(jobs: list[tuple[str, dict]], workers: int, progress: bool) -> d
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["lalm.data.render"])
     out: dict[str, int] = {}
+    cpu = 0.0
     with tqdm(total=len(jobs), desc="rendering audio", unit="clip", disable=not progress,
               smoothing=0.05) as bar, ctx.Pool(max(1, workers), maxtasksperchild=1) as pool:
-        for done in pool.imap_unordered(render_chunk, chunks):
+        for done, seconds in pool.imap_unordered(render_chunk, chunks):
             out.update(done)
+            cpu += seconds
             bar.update(len(done))
-    return out
+    return out, cpu
 
 
 def build(out: str | Path, size: str = "small", seed: int = 0, workers: int = 2,
@@ -123,7 +126,7 @@ def build(out: str | Path, size: str = "small", seed: int = 0, workers: int = 2,
     check_training(p.clips, p.out)  # before a single file is written
 
     jobs = [(str(out / c.path), c.recipe) for c in ev.clips + p.clips]
-    samples = _render_all(jobs, workers, progress)
+    samples, render_cpu = _render_all(jobs, workers, progress)
     durations = {c.path: round(samples[str(out / c.path)] / 16000, 4) for c in ev.clips + p.clips}
 
     counts: dict[str, int] = {}
@@ -138,7 +141,7 @@ def build(out: str | Path, size: str = "small", seed: int = 0, workers: int = 2,
         write_jsonl(out / f"{key}.jsonl", recs)
         counts[key] = len(recs)
     result = BuildResult(out, counts, len(jobs), sum(durations.values()),
-                         len({v for v in p.voices_used}), time.time() - t0)
+                         len(p.voices_used), time.time() - t0, render_cpu)
     write_readme(out / "README.md", finished, result, size, seed, workers)
     return result
 
@@ -159,7 +162,9 @@ def write_readme(path: Path, manifests: dict[str, list[dict]], res: BuildResult,
              f"- training examples (pretrain + sft + dpo train): {train}",
              f"- audio clips: {res.n_clips}, {res.audio_seconds / 3600:.2f} hours, 16 kHz mono PCM_16",
              f"- distinct training voices: {res.voices}",
-             f"- build time: {res.seconds:.0f} s with {workers} worker(s)", "",
+             (f"- build time: {res.seconds:.0f} s wall clock with {workers} worker(s); rendering took "
+              f"{res.render_cpu:.0f} CPU seconds (wall clock depends on what else shares the CPUs)"),
+             "",
              ("Evaluation sets under eval/ come only from held-out sources (Piper joe, "
               "pocketsphinx-testdata, alsa-utils, held-out sonic-pi files); the builder refuses "
               "them in training."), "", "## Lines per task", "",

@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
         res = build(args.out, args.size, args.seed, args.workers, progress=not args.no_progress)
         train = sum(n for k, n in res.counts.items() if k.endswith("/train"))
         print(f"wrote {res.out}: {train} training examples, {res.n_clips} clips "
-              f"({res.audio_seconds / 3600:.2f} h), {res.voices} voices, {res.seconds:.0f} s")
+              f"({res.audio_seconds / 3600:.2f} h), {res.voices} voices, {res.seconds:.0f} s "
+              f"(rendering: {res.render_cpu:.0f} CPU s)")
         for key, n in res.counts.items():
             print(f"  {key}.jsonl: {n}")
         return 0

@@ -6,6 +6,7 @@ the builder can render in parallel and stay byte-for-byte deterministic.
 
 from __future__ import annotations
 
+import resource
 import struct
 from pathlib import Path
 
@@ -120,7 +121,16 @@ def render_to_file(job: tuple[str, dict]) -> tuple[str, int]:
     return path, int(wave.size)
 
 
-def render_chunk(jobs: list[tuple[str, dict]]) -> list[tuple[str, int]]:
-    """Render a fixed chunk of jobs in order. libespeak-ng keeps state from one utterance to
-    the next, so the builder gives every chunk a fresh process: same chunks, same bytes."""
-    return [render_to_file(j) for j in jobs]
+def render_chunk(jobs: list[tuple[str, dict]]) -> tuple[list[tuple[str, int]], float]:
+    """Render a fixed chunk of jobs in order -> ([(path, samples)], CPU seconds incl. flite).
+
+    libespeak-ng keeps state from one utterance to the next, so the builder gives every chunk
+    a fresh process: same chunks, same bytes.
+    """
+    def cpu() -> float:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    t0 = cpu()
+    done = [render_to_file(j) for j in jobs]
+    return done, cpu() - t0

@@ -9,6 +9,8 @@ synthesisers say and what WER scoring normalises to anyway. Kinds of text:
 The eval sets draw from the same generators with other seeds; `build.py` keeps them disjoint.
 """
 
+# ruff: noqa: SIM905  (word lists read better as one string split on spaces)
+
 from __future__ import annotations
 
 import random

@@ -4,6 +4,8 @@ Every function returns float32 mono at 16 kHz and is deterministic for its argum
 (espeak-ng and flite are; Piper is with noise_scale = noise_w_scale = 0).
 """
 
+# ruff: noqa: SIM905  (word lists read better as one string split on spaces)
+
 from __future__ import annotations
 
 import ctypes
