@@ -113,12 +113,13 @@ class Trainer:
             if found is not None:
                 self._load_weights(model, found)
                 self.resumed_from = found
-        model.to(d.device)
         if self.use_fsdp:
             from torch.distributed.fsdp import register_fsdp_forward_method
 
-            distributed.apply_fsdp(model)
+            distributed.apply_fsdp(model)  # moves each rank's shards to its device: no full copy there
             register_fsdp_forward_method(model, "hidden_states")  # the loop calls it, not forward()
+        else:
+            model.to(d.device)
         self.model = model
         self.names = {id(p): n for n, p in model.named_parameters()}
         params = [p for p in model.parameters() if p.requires_grad]
