@@ -26,7 +26,6 @@ import platform
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,8 +60,8 @@ def make_batch(tok, n_mels: int, batch: int, seconds: float):
     # transformers shifts labels itself: its label at t is the token at t (ours: the token at t + 1)
     hf_labels = torch.full_like(ours.labels, -100)
     hf_labels[:, 1:] = ours.labels[:, :-1]
-    hf = dict(input_ids=ours.input_ids, attention_mask=ours.attention_mask.long(), input_features=f["input_features"],
-              feature_attention_mask=f["attention_mask"], labels=hf_labels)
+    hf = {"input_ids": ours.input_ids, "attention_mask": ours.attention_mask.long(),
+          "input_features": f["input_features"], "feature_attention_mask": f["attention_mask"], "labels": hf_labels}
     return ours, hf
 
 
@@ -72,7 +71,7 @@ def lalm_step(model, opt, batch) -> float:
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss)
+    return loss.item()
 
 
 def hf_step(model, opt, inputs) -> float:
@@ -80,7 +79,7 @@ def hf_step(model, opt, inputs) -> float:
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss)
+    return loss.item()
 
 
 def bench(name: str, vocab: int | None, args) -> dict:

@@ -11,16 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_corpus import PROMPT, WORDS, asr_manifest, asr_record, dpo_record, write_manifest
 
 import lalm
-
 from lalm.processor import collate, prepare
 from lalm.tokenizer import Tokenizer
 from lalm.train.config import TrainConfig
 from lalm.train.loop import train
 from lalm.train.metrics import read_metrics
 from lalm.weights import load_checkpoint
-from train_corpus import PROMPT, WORDS, asr_manifest, asr_record, dpo_record, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 

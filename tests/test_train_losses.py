@@ -220,9 +220,10 @@ def test_every_config_parses(path):
 
 
 def test_batches_are_deterministic_length_grouped_and_sharded(tmp_path):
+    from train_corpus import asr_record, write_manifest
+
     from lalm.tokenizer import train_bpe
     from lalm.train.data import TrainData, rank_slice
-    from train_corpus import asr_record, write_manifest
 
     recs = [asr_record(tmp_path, k % 4, prompt="x" * (5 + 7 * k)) for k in range(12)]  # lengths differ
     data = TrainData(str(write_manifest(tmp_path / "m.jsonl", recs)), "sft", train_bpe([], 262), 80, seed=3)
@@ -239,9 +240,9 @@ def test_batches_are_deterministic_length_grouped_and_sharded(tmp_path):
 
 def test_augmentation_is_seeded_and_does_what_it_says():
     import numpy as np
+    from train_corpus import tone
 
     from lalm.train.data import augment_wave
-    from train_corpus import tone
 
     wave = tone(3, seconds=1.0)
     a = augment_wave(wave, np.random.default_rng([0, 1, 2]), gain_db=6, speed=0.1, noise_snr_db=10)

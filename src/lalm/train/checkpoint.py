@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 from pathlib import Path
+
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
@@ -159,7 +160,7 @@ def rng_tensors() -> dict[str, torch.Tensor]:
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             out[f"cuda{i}"] = s
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
     out["numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
     out["numpy_meta"] = torch.tensor([pos, has_gauss], dtype=torch.int64)
     out["numpy_gauss"] = torch.tensor([cached], dtype=torch.float64)

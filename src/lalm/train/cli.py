@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if f.name == "stage":
             continue
         names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        kwargs = dict(dest=_PREFIX + f.name, metavar="VALUE", default=None)
+        kwargs = {"dest": _PREFIX + f.name, "metavar": "VALUE", "default": None}
         if f.type in ("bool", bool):
             kwargs.update(nargs="?", const="true")  # --fsdp alone means true
         group.add_argument(*names, **kwargs)

@@ -77,7 +77,7 @@ class TrainConfig:
     num_threads: int = 0  # CPU threads per process; 0 = torch's default (shared CPUs: 1 is often faster)
     progress: bool = True
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         if self.stage not in STAGES:
             raise ConfigError(f"stage: {self.stage!r} is not one of {', '.join(STAGES)}")
         if self.train_on not in ("all", "last"):
@@ -103,7 +103,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
+    def from_dict(cls, d: dict, source: str = "config") -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         for key in d:
             if key not in known:
@@ -114,7 +114,7 @@ class TrainConfig:
         return cfg
 
     @classmethod
-    def load(cls, path: str | Path, overrides: list[str] = ()) -> "TrainConfig":
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         path = Path(path)
         try:
             raw = yaml.safe_load(path.read_text()) or {}
@@ -130,7 +130,7 @@ class TrainConfig:
         """Apply `key=value` (or `--key=value`, `model.key=value`) strings in order."""
         known = {f.name for f in dataclasses.fields(self)}
         for item in overrides:
-            text = item[2:] if item.startswith("--") else item
+            text = item.removeprefix("--")
             if "=" not in text:
                 raise ConfigError(f"override {item!r}: expected --key=value")
             key, value = text.split("=", 1)

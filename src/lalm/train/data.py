@@ -125,7 +125,7 @@ class TrainData:
         for src in chat.audios(msgs):
             info = sf.info(src)
             seconds = info.frames / info.samplerate
-            counts.append(max(1, A.num_audio_tokens(A.num_frames(int(math.ceil(seconds * A.SAMPLE_RATE))))))
+            counts.append(max(1, A.num_audio_tokens(A.num_frames(math.ceil(seconds * A.SAMPLE_RATE)))))
         answer = rec.get("chosen", "") + rec.get("rejected", "")
         n = len(chat.render(msgs, self.tokenizer, counts, add_generation_prompt=False).ids)
         n += len(self.tokenizer.encode(answer)) + 4
@@ -209,7 +209,7 @@ def augment_wave(wave: np.ndarray, rng: np.random.Generator, gain_db: float = 0.
     """Random gain (+-gain_db dB), speed (factor 1 +- speed, resampled) and white noise at an SNR."""
     if speed:
         factor = 1.0 + rng.uniform(-speed, speed)
-        n = max(1, int(round(len(wave) / factor)))
+        n = max(1, round(len(wave) / factor))
         wave = np.interp(np.linspace(0, len(wave) - 1, n), np.arange(len(wave)), wave).astype(np.float32)
     if gain_db:
         wave = wave * np.float32(10 ** (rng.uniform(-gain_db, gain_db) / 20))

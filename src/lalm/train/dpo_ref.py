@@ -9,8 +9,8 @@ before the first update, and keep two numbers per pair in `OUT/dpo_ref/<name>.sa
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open

@@ -59,11 +59,11 @@ def _safetensors_tensors(path: Path) -> dict[str, torch.Tensor]:
         files = checkpoint_files(path)
     else:
         with safe_open(str(path), framework="pt") as f:
-            files = {name: path for name in f.keys()}
+            files = dict.fromkeys(f.keys(), path)
     out = {}
     for file in sorted(set(files.values())):
         with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 out[name] = f.get_tensor(name)
     return out
 
@@ -189,7 +189,7 @@ def resolve(path: str | Path) -> Path:
         spec = None
     if spec is None or not spec.submodule_search_locations:
         raise CheckpointError(f"{text}: Python package {package!r} is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / inner
+    return Path(next(iter(spec.submodule_search_locations))) / inner
 
 
 def load_encoder(model: torch.nn.Module, path: str | Path) -> list[str]:

@@ -265,7 +265,7 @@ class Trainer:
         s = [0.0, 0.0, 0.0]  # loss sum (or margin sum), count, accuracy count
         for start in range(0, per_rank, micro):
             idx = mine[start: start + micro]
-            real = [i if i >= 0 else 0 for i in idx]
+            real = [max(i, 0) for i in idx]
             if cfg.stage == "dpo":
                 logps = self._pair_logps(data, real)
                 for j, i in enumerate(idx):

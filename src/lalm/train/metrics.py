@@ -36,7 +36,7 @@ class MetricsWriter:
             self._rewrite(kept)
         elif self.path.exists():
             self.path.unlink()
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the whole run)
         self.tb = None
         if tensorboard:
             try:
