@@ -18,6 +18,7 @@ import pytest
 import torch
 from train_corpus import asr_manifest
 
+from lalm.errors import CheckpointError
 from lalm.train import checkpoint
 from lalm.train.config import TrainConfig
 from lalm.train.loop import train
@@ -142,3 +143,26 @@ def test_torchrun_two_processes_fsdp_equals_one_process(reference, tmp_path):
     for a, b in zip(rows, single):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a, b)
     assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_dpo_with_lora_resumes_exactly(tmp_path):
+    """Resume reloads the cached reference log-probs and the unmerged LoRA tensors."""
+    from train_corpus import dpo_record, write_manifest
+
+    pairs = write_manifest(tmp_path / "pairs.jsonl", [dpo_record(tmp_path, k) for k in range(8)])
+
+    def cfg(out: Path) -> TrainConfig:
+        return TrainConfig.load(ROOT / "configs/test/dpo.yaml", [
+            f"data={pairs}", f"out={out}", "max_steps=6", "save_every=3", "progress=false", "lr=3e-3",
+            "lora_r=4", "lora_target_modules=[q_proj, v_proj]", "freeze=[encoder]"])
+
+    train(cfg(tmp_path / "a"))
+    train(cfg(tmp_path / "b"))
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-000006")  # as if killed after step 3's checkpoint
+    train(cfg(tmp_path / "b"), resume=True)
+    assert_same_curve(read_metrics(tmp_path / "b"), read_metrics(tmp_path / "a"))
+    assert (tmp_path / "b" / "checkpoints" / "step-000003" / "trainer" / "params.safetensors").is_file()
+    (tmp_path / "b" / "dpo_ref" / "train.safetensors").unlink()
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-000006")
+    with pytest.raises(CheckpointError, match="reference log-probs"):
+        train(cfg(tmp_path / "b"), resume=True)  # never recomputed from a trained model
