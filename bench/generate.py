@@ -1,0 +1,230 @@
+"""Benchmark: lalm generation vs transformers on the same random weights, in the same process.
+
+    .venv/bin/python bench/generate.py [--dtypes float32,bfloat16] [--new-tokens 32] [--trials 3]
+
+Mid-size Qwen2-Audio (decoder 896 wide, 24 layers, 14 heads, 2 KV heads, ffn 4864, vocab 151936;
+encoder 512 wide, 6 layers, 8 heads, ffn 2048, 128 mels), built by transformers with random
+weights, saved, and loaded by lalm. Prints, per dtype:
+
+- decode tokens/s at batch 1 and batch 8 (100-token text prompts; the time from the first
+  generated token to the (N+1)-th, so the prefill is not counted), for both;
+- time to first token for a 5 s and a 30 s clip (waveform -> log-mel -> prefill -> first token;
+  transformers pads every clip to 30 s, lalm encodes the valid frames);
+- the machine's memory bandwidth (a 1 GiB tensor copy) and the tokens/s it allows when every
+  decode step reads the fp32 decoder weights once (the batch-1 ceiling).
+
+Trials alternate lalm and transformers and each figure is the median, since the CPU is shared.
+Not a test: nothing is asserted. Results go to docs/benchmarks.md by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lalm import audio as A
+from lalm import generate as gen
+from lalm.processor import Example, collate
+from lalm.weights import load_checkpoint
+
+TEXT = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "model_type": "qwen2"}
+AUDIO = {"d_model": 512, "encoder_layers": 6, "encoder_attention_heads": 8, "encoder_ffn_dim": 2048,
+         "num_mel_bins": 128, "max_source_positions": 1500}
+AUDIO_ID, BOS, EOS_A, PAD = 151646, 151647, 151648, 151643
+
+
+def build_checkpoint(path: Path) -> None:
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = Qwen2AudioForConditionalGeneration(Qwen2AudioConfig(audio_config=AUDIO, text_config=TEXT,
+                                                                audio_token_index=AUDIO_ID))
+    model.save_pretrained(str(path))
+
+
+def timed(fn, trials: int) -> list[float]:
+    out = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def bandwidth_gbs(trials: int = 5) -> float:
+    a = torch.ones(256 * 2**20, dtype=torch.float32)  # 1 GiB
+    b = torch.empty_like(a)
+    best = min(timed(lambda: b.copy_(a), trials))
+    return 2 * 2**30 / best / 1e9  # read + write
+
+
+def decoder_weight_bytes(model, dtype_bytes: int = 4) -> int:
+    """Bytes one decode step must read: decoder layers, final norm and the LM head (the embedding
+    table is only indexed)."""
+    lm = model.language_model
+    n = sum(p.numel() for p in lm.model.layers.parameters()) + lm.model.norm.weight.numel()
+    return (n + lm.lm_head.weight.numel()) * dtype_bytes
+
+
+def text_prompt(n: int, seed: int) -> list[int]:
+    g = np.random.default_rng(seed)
+    return [151644] + g.integers(100, 150000, n - 1).tolist()
+
+
+def audio_prompt(n_audio: int, seed: int) -> list[int]:
+    g = np.random.default_rng(seed)
+    t = lambda k: g.integers(100, 150000, k).tolist()
+    return [151644, *t(8), BOS, *[AUDIO_ID] * n_audio, EOS_A, *t(8), 151645, 151644, *t(2)]
+
+
+# ------------------------------------------------------------------ lalm side
+
+
+def lalm_decode(model, prompts: list[list[int]], n_new: int) -> float:
+    """Seconds from the first generated token to the last (decode steps only)."""
+    ex = [Example(torch.tensor(p), torch.zeros(len(p), dtype=torch.bool), [], [], 0) for p in prompts]
+    opts = gen.SamplingOptions(max_new_tokens=n_new + 1, min_new_tokens=n_new + 1)
+    rows = [gen.Row(options=opts) for _ in prompts]
+    stamps = [time.perf_counter() for _ in gen.generate(model, collate(ex, PAD), rows)]
+    return stamps[-1] - stamps[0]
+
+
+def lalm_first_token(model, wave: np.ndarray) -> None:
+    mels, frames = zip(*(A.log_mel(w, 128) for w in A.split_windows(wave)))
+    n = sum(A.num_audio_tokens(f) for f in frames)
+    ids = audio_prompt(n, 1)
+    ex = Example(torch.tensor(ids), torch.zeros(len(ids), dtype=torch.bool), list(mels), list(frames), n)
+    gen.DecodeState.start(model, collate([ex], PAD), [gen.Row(options=gen.SamplingOptions(max_new_tokens=1))])
+
+
+# ------------------------------------------------------------------ transformers side
+
+
+class _Stamps:
+    """A transformers streamer that only records when each step's tokens arrive."""
+
+    def __init__(self):
+        self.t: list[float] = []
+
+    def put(self, value) -> None:
+        self.t.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def hf_decode(model, prompts: list[list[int]], n_new: int) -> float:
+    """Seconds from the first generated token to the last (its first `put` is the prompt)."""
+    T = max(map(len, prompts))
+    ids = torch.full((len(prompts), T), PAD)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):], mask[i, T - len(p):] = torch.tensor(p), 1
+    stamps = _Stamps()
+    with torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new + 1, min_new_tokens=n_new + 1,
+                       do_sample=False, pad_token_id=PAD, eos_token_id=None, streamer=stamps)
+    return stamps.t[-1] - stamps.t[1]
+
+
+def hf_first_token(model, fe, wave: np.ndarray) -> None:
+    feats = fe([wave], sampling_rate=16000, padding="max_length", return_attention_mask=True, return_tensors="pt")
+    n = A.num_audio_tokens(int(feats["attention_mask"].sum()))
+    ids = torch.tensor([audio_prompt(n, 1)])
+    with torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=feats["input_features"],
+                       feature_attention_mask=feats["attention_mask"], max_new_tokens=1, do_sample=False,
+                       pad_token_id=PAD, eos_token_id=None)
+
+
+# ------------------------------------------------------------------ the run
+
+
+def run_dtype(folder: Path, dtype: torch.dtype, n_new: int, trials: int) -> dict:
+    from transformers import Qwen2AudioForConditionalGeneration, WhisperFeatureExtractor
+
+    lalm = load_checkpoint(folder, dtype=dtype)
+    hf = Qwen2AudioForConditionalGeneration.from_pretrained(str(folder), dtype=dtype).eval()
+    fe = WhisperFeatureExtractor(feature_size=128)
+    r: dict = {}
+    for batch in (1, 8):
+        prompts = [text_prompt(100, s) for s in range(batch)]
+        for name, fn in (("lalm", lalm_decode), ("transformers", hf_decode)):
+            fn(lalm if name == "lalm" else hf, prompts, 2)  # warm up
+        runs: dict[str, list[float]] = {"lalm": [], "transformers": []}
+        for _ in range(trials):  # alternate so both see the same machine load
+            runs["lalm"].append(batch * n_new / lalm_decode(lalm, prompts, n_new))
+            runs["transformers"].append(batch * n_new / hf_decode(hf, prompts, n_new))
+        for name, v in runs.items():
+            r[f"decode_b{batch}_{name}_tok_s"] = statistics.median(v)
+    for seconds in (5, 30):
+        wave = np.random.default_rng(seconds).standard_normal(seconds * 16000).astype(np.float32) * 0.1
+        lalm_first_token(lalm, wave)
+        hf_first_token(hf, fe, wave)
+        runs = {"lalm": [], "transformers": []}
+        for _ in range(trials):
+            runs["lalm"] += timed(lambda w=wave: lalm_first_token(lalm, w), 1)
+            runs["transformers"] += timed(lambda w=wave: hf_first_token(hf, fe, w), 1)
+        for name, v in runs.items():
+            r[f"ttft_{seconds}s_{name}_s"] = statistics.median(v)
+    r["weight_bytes_fp32"] = decoder_weight_bytes(lalm, 4)
+    r["weight_bytes"] = decoder_weight_bytes(lalm, torch.finfo(dtype).bits // 8)
+    return r  # the models are freed on return
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bw = bandwidth_gbs()
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}; copy bandwidth {bw:.1f} GB/s")
+    results = {"bandwidth_gbs": bw, "threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "mid"
+        build_checkpoint(folder)
+        for name in args.dtypes.split(","):
+            dtype = getattr(torch, name)
+            r = run_dtype(folder, dtype, args.new_tokens, args.trials)
+            gc.collect()
+            results[name] = r
+            limit = bw * 1e9 / r["weight_bytes"]
+            print(f"\n{name}: decoder weights read per step {r['weight_bytes'] / 1e9:.2f} GB -> "
+                  f"bandwidth limit {limit:.1f} tok/s at batch 1 (fp32 weights: "
+                  f"{bw * 1e9 / r['weight_bytes_fp32']:.1f} tok/s)")
+            print(f"{'':28}{'lalm':>10}{'transformers':>14}{'ratio':>8}")
+            for key, label, unit, better_high in (
+                ("decode_b1", "decode batch 1", "tok/s", True), ("decode_b8", "decode batch 8", "tok/s", True),
+                ("ttft_5s", "first token, 5 s clip", "s", False), ("ttft_30s", "first token, 30 s clip", "s", False)):
+                suffix = "_tok_s" if unit == "tok/s" else "_s"
+                a, b = r[f"{key}_lalm{suffix}"], r[f"{key}_transformers{suffix}"]
+                ratio = a / b if better_high else b / a
+                print(f"{label + ' (' + unit + ')':28}{a:10.2f}{b:14.2f}{ratio:7.2f}x")
+            print(f"{'batch 8 / batch 1 throughput':28}"
+                  f"{r['decode_b8_lalm_tok_s'] / r['decode_b1_lalm_tok_s']:10.2f}"
+                  f"{r['decode_b8_transformers_tok_s'] / r['decode_b1_transformers_tok_s']:14.2f}")
+            print(f"{'batch 1 share of bw limit':28}{r['decode_b1_lalm_tok_s'] / limit:10.0%}"
+                  f"{r['decode_b1_transformers_tok_s'] / limit:14.0%}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
