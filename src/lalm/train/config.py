@@ -48,7 +48,7 @@ class TrainConfig:
     # --- optimisation -----------------------------------------------------------------------
     max_steps: int = 100
     batch_size: int = 8  # global batch (examples, or pairs for DPO), split across ranks
-    micro_batch_size: int = 0  # examples per forward on one rank; 0 = the whole rank batch
+    micro_batch_size: int = 0  # examples (DPO: pairs) per forward on one rank; 0 = the whole rank batch
     lr: float = 1e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 0
