@@ -151,3 +151,13 @@ def test_trained_checkpoint_loads_in_transformers_with_equal_logits(tmp_path):
     assert torch.allclose(a[real], b[real], atol=1e-4, rtol=0), (a[real] - b[real]).abs().max()
     assert (a[real] - b[real]).abs().max() > 0 or True
     assert a[real].std() > 0.1  # trained weights, not a flat zero-logit model
+
+
+def test_pretrain_stage_trains_on_raw_prompts(tmp_path):
+    data = asr_manifest(tmp_path, n=8)
+    result = train(config("pretrain", data, tmp_path / "out", "max_steps=6", "lr=3e-3"))
+    rows = read_metrics(tmp_path / "out")
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    # 8 examples of "<|audio_bos|><|AUDIO|>x10<|audio_eos|>Transcribe this audio." + answer + <|endoftext|>
+    assert rows[0]["tokens"] == sum(12 + len(PROMPT) + len(w) + 1 for w in WORDS[:8])
+    assert load_checkpoint(result.final, dtype=torch.float32).config.text.vocab_size == 262
