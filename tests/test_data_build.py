@@ -5,7 +5,10 @@ Run: .venv/bin/pytest -q tests/test_data_build.py        (about a minute: two sm
 """
 
 import hashlib
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,7 +116,11 @@ def test_held_out_text_is_disjoint_from_training_text(small):
 
 
 def test_same_seed_gives_byte_identical_manifests_and_audio(small, tmp_path):
-    build(tmp_path, "small", seed=0, workers=1, progress=False)  # other worker count too
+    # Another process (another string-hash seed) and another worker count: neither may matter.
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    subprocess.run([sys.executable, "-m", "lalm", "data", "build", "--out", str(tmp_path),
+                    "--size", "small", "--seed", "0", "--workers", "1", "--no-progress"],
+                   check=True, env=env, capture_output=True)
 
     def digest(root: Path) -> dict[str, str]:
         files = [p for p in root.rglob("*") if p.is_file() and p.name != "README.md"]
@@ -121,6 +128,14 @@ def test_same_seed_gives_byte_identical_manifests_and_audio(small, tmp_path):
 
     a, b = digest(small), digest(tmp_path)
     assert len(a) > 300 and a == b
+
+
+def test_full_size_plan_does_not_depend_on_the_string_hash_seed():
+    """Set iteration order changes with PYTHONHASHSEED; the plan must not."""
+    code = "from lalm.data.build import plan_digest; print(plan_digest('full', 0))"
+    digests = {subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(digests) == 1
 
 
 @pytest.mark.slow

@@ -6,6 +6,8 @@ eval/<name>.jsonl, audio/..., README.md (counts per task and source, timings).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing as mp
 import time
 from collections import Counter
@@ -114,15 +116,27 @@ def _render_all(jobs: list[tuple[str, dict]], workers: int, progress: bool) -> t
     return out, cpu
 
 
+def plan(size: str, seed: int) -> tuple[EvalPlanner, tasks.Planner]:
+    """Everything the build will write, as recipes and records: a function of (size, seed)."""
+    ev = EvalPlanner(tasks.SIZES[size]["eval_asr"], tasks.SIZES[size]["eval_chat"], seed)
+    ev.plan(sentences.wordfreq_vocab())  # first: its text is reserved from training
+    return ev, tasks.plan(size, seed, ev.reserved)
+
+
+def plan_digest(size: str, seed: int) -> str:
+    """A hash of the whole plan, to check determinism without rendering."""
+    ev, p = plan(size, seed)
+    blob = [[c.id, c.recipe, c.source] for c in ev.clips + p.clips] + [p.out, ev.out]
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
 def build(out: str | Path, size: str = "small", seed: int = 0, workers: int = 2,
           progress: bool = True) -> BuildResult:
     if size not in tasks.SIZES:
         raise LalmError(f"--size must be one of {sorted(tasks.SIZES)}, got {size!r}")
     t0 = time.time()
     out = Path(out)
-    ev = EvalPlanner(tasks.SIZES[size]["eval_asr"], tasks.SIZES[size]["eval_chat"], seed)
-    ev.plan(sentences.wordfreq_vocab())
-    p = tasks.plan(size, seed, ev.reserved)
+    ev, p = plan(size, seed)
     check_training(p.clips, p.out)  # before a single file is written
 
     jobs = [(str(out / c.path), c.recipe) for c in ev.clips + p.clips]
