@@ -67,16 +67,27 @@ def check_training(clips: list[tasks.Clip], manifests: dict[str, list[dict]]) ->
                 raise HeldOutSourceError(f"{key} line {i + 1}: held-out source {rec['source']}")
 
 
+def _from_manifest(messages: list[dict]) -> list[dict]:
+    """Audio paths as seen from DIR/<stage>/x.jsonl: the contract is 'relative to the file'."""
+    out = []
+    for m in messages:
+        if isinstance(m["content"], list):
+            m = {**m, "content": [{**p, "audio": f"../{p['audio']}"} if p["type"] == "audio" else p
+                                  for p in m["content"]]}
+        out.append(m)
+    return out
+
+
 def _finish(recs: list[dict], prefix: str, durations: dict[str, float]) -> list[dict]:
     """Give ids, put keys in a fixed order and record each audio's duration."""
     out = []
     for i, r in enumerate(recs):
         rec = {"id": f"{prefix}-{i:06d}", "source": r["source"], "task": r["task"],
-               "messages": r["messages"]}
+               "messages": _from_manifest(r["messages"])}
         for k in ("chosen", "rejected", "reference", "lang", "question"):
             if k in r:
                 rec[k] = r[k]
-        rec["durations"] = {p: durations[p] for p in dict.fromkeys(audio_paths(r))}
+        rec["durations"] = {f"../{p}": durations[p] for p in dict.fromkeys(audio_paths(r))}
         if "meta" in r:
             rec["meta"] = r["meta"]
         out.append(rec)

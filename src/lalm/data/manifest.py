@@ -1,17 +1,17 @@
 """Manifests: the JSONL files every training and evaluation command reads.
 
 One example a line, UTF-8. Audio paths are relative to the manifest file (absolute paths
-are accepted too). `read_manifest` resolves them to absolute paths, so callers can hand
+are accepted too): `lalm data build` writes `DIR/sft/train.jsonl` with `../audio/...`. `read_manifest` resolves them to absolute paths, so callers can hand
 `record["messages"]` straight to `chat.validate` / `processor.prepare`.
 
 Pre-training and SFT lines::
 
     {"id": "asr-000123", "source": "espeak-ng:en-gb-scotland+m3", "task": "asr",
      "messages": [
-        {"role": "user", "content": [{"type": "audio", "audio": "audio/asr/000123.wav"},
+        {"role": "user", "content": [{"type": "audio", "audio": "../audio/asr/000123.wav"},
                                      {"type": "text", "text": "Transcribe this audio."}]},
         {"role": "assistant", "content": "the cat sat on the mat"}],
-     "durations": {"audio/asr/000123.wav": 1.84},
+     "durations": {"../audio/asr/000123.wav": 1.84},
      "meta": {"voice": "en-gb-scotland+m3", "rate": 160, "pitch": 50}}
 
 - `messages`: the chat format of docs/design.md (roles system/user/assistant; content a
@@ -48,6 +48,7 @@ whose audio file is missing is skipped the same way. The rest loads.
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -199,7 +200,8 @@ def _resolve(rec: dict, base: Path) -> list[str]:
             if p["type"] != "audio":
                 continue
             rel = p["audio"]
-            path = Path(rel) if Path(rel).is_absolute() else base / rel
+            # normpath, not resolve(): "../audio/x.wav" collapses, symlinks stay as given
+            path = Path(rel) if Path(rel).is_absolute() else Path(os.path.normpath(base / rel))
             p["audio"] = str(path)
             if isinstance(durations, dict) and rel in durations:
                 durations[str(path)] = durations.pop(rel)
