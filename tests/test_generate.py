@@ -115,10 +115,21 @@ def hf_generate(hf, tiny, conversations, **kw) -> list[list[int]]:
     return [row[input_ids.shape[1]:].tolist() for row in out]
 
 
+def alone(tiny, name: str):
+    """One conversation's greedy 32 tokens generated alone (cached: several tests compare to it)."""
+    if name not in _ALONE:
+        (_ALONE[name],) = tiny.generate(CONVERSATIONS[name], max_new_tokens=N_NEW, min_new_tokens=N_NEW,
+                                        temperature=0)
+    return _ALONE[name]
+
+
+_ALONE: dict = {}
+
+
 @pytest.mark.parametrize("name", ["single", "two_audios", "multi_turn", "voice_only"])
 def test_greedy_parity_with_transformers(tiny, hf, name):
     conv = CONVERSATIONS[name]
-    (ours,) = tiny.generate(conv, max_new_tokens=N_NEW, min_new_tokens=N_NEW, temperature=0)
+    ours = alone(tiny, name)
     (ref,) = hf_generate(hf, tiny, [conv], max_new_tokens=N_NEW, min_new_tokens=N_NEW)
     assert ours.token_ids == ref
     assert ours.finish_reason == "length" and len(ours.token_ids) == N_NEW
@@ -126,13 +137,13 @@ def test_greedy_parity_with_transformers(tiny, hf, name):
 
 
 def test_batch_of_three_mixed_lengths(tiny, hf):
-    convs = [CONVERSATIONS["two_audios"], CONVERSATIONS["text_only"], CONVERSATIONS["voice_only"]]
+    names = ["two_audios", "text_only", "voice_only"]
+    convs = [CONVERSATIONS[k] for k in names]
     lengths = [len(tiny.prepare(c).ids) for c in convs]
     assert len(set(lengths)) == 3
     batched = tiny.generate(convs, max_new_tokens=N_NEW, min_new_tokens=N_NEW, temperature=0)
-    alone = [tiny.generate(c, max_new_tokens=N_NEW, min_new_tokens=N_NEW, temperature=0)[0] for c in convs]
     ref = hf_generate(hf, tiny, convs, max_new_tokens=N_NEW, min_new_tokens=N_NEW)
-    for b, a, r, n in zip(batched, alone, ref, lengths):
+    for b, a, r, n in zip(batched, [alone(tiny, k) for k in names], ref, lengths):
         assert b.token_ids == a.token_ids == r
         assert b.prompt_tokens == n
 
@@ -222,7 +233,7 @@ def test_long_audio_is_windowed_not_truncated(tiny):
 
 def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(tiny):
     conv = CONVERSATIONS["single"]
-    kw = {"max_new_tokens": 16, "min_new_tokens": 16, "temperature": 1.5, "top_p": 0.95}
+    kw = {"max_new_tokens": 10, "min_new_tokens": 10, "temperature": 1.5, "top_p": 0.95}
     a = tiny.generate(conv, seed=123, **kw)[0].token_ids
     b = tiny.generate(conv, seed=123, **kw)[0].token_ids
     c = tiny.generate(conv, seed=321, **kw)[0].token_ids
@@ -230,8 +241,8 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(tiny):
     # Per-row generators: a seeded row samples the same inside a batch as alone.
     batched = tiny.generate([CONVERSATIONS["text_only"], conv], seed=123, **kw)
     assert batched[1].token_ids == a
-    greedy = tiny.generate(conv, max_new_tokens=16, min_new_tokens=16, temperature=0)[0].token_ids
-    top1 = tiny.generate(conv, max_new_tokens=16, min_new_tokens=16, temperature=1.0, top_k=1, seed=5)[0]
+    greedy = alone(tiny, "single").token_ids
+    top1 = tiny.generate(conv, max_new_tokens=N_NEW, min_new_tokens=N_NEW, temperature=1.0, top_k=1, seed=5)[0]
     assert top1.token_ids == greedy
 
 
