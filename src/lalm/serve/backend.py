@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from lalm import generate as gen
 from lalm.processor import collate
 from lalm.serve.engine import Options, Prepared, Update
@@ -31,18 +29,6 @@ class LALMBackend:
         path = getattr(lalm, "path", None)
         self.model_name = name or (Path(path).name if path else "lalm")
         self.state: gen.DecodeState | None = None
-        self.top_n: dict[int, int] = {}  # key -> top_logprobs wanted
-        self.top: dict[int, list[tuple[int, float]]] = {}  # key -> this step's best tokens
-        backend = self
-
-        class State(gen.DecodeState):
-            # Records the best alternatives (OpenAI's top_logprobs) from the same logits the
-            # row samples from; DecodeState keeps only the chosen token's log-prob.
-            def _accept(self, logits: torch.Tensor, slots: range) -> None:
-                backend._record_top(self, logits, slots)
-                super()._accept(logits, slots)
-
-        self._state_cls = State
 
     @classmethod
     def load(cls, path, dtype=None, device=None, max_batch: int = 32,
@@ -71,9 +57,7 @@ class LALMBackend:
     def _row(self, key: int, prepared: Prepared, o: Options) -> gen.Row:
         options = self.lalm.options(
             max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=o.top_p,
-            seed=o.seed, stop=list(o.stop) or None)
-        if o.top_logprobs:
-            self.top_n[key] = o.top_logprobs
+            seed=o.seed, stop=list(o.stop) or None, top_logprobs=o.top_logprobs or 0)
         return gen.Row(options=options, key=key, audio_tokens=prepared.prompt.audio_tokens,
                        stream=gen.TextStream(self.lalm.tokenizer))
 
@@ -84,7 +68,7 @@ class LALMBackend:
             # One cache for the server's life, sized for max_batch rows of max_context tokens;
             # every later row is slotted into it (allocating per request costs more than a
             # tiny model's whole prefill).
-            self.state = self._state_cls.start(self.lalm.model, batch, new,
+            self.state = gen.DecodeState.start(self.lalm.model, batch, new,
                                                max_rows=self.max_batch, max_len=self.max_context)
         else:
             self.state.add(batch, new)
@@ -102,27 +86,14 @@ class LALMBackend:
             if row.key in gone and row.finish_reason is None:
                 row.finish("abort")
         self.state.pop_finished()
-        for k in keys:
-            self.top_n.pop(k, None)
-            self.top.pop(k, None)
 
     def _updates(self, rows: list[gen.Row]) -> dict[int, Update]:
         return {
             row.key: Update(
                 token=row.tokens[-1], logprob=row.logprobs[-1], text=row.take_text(),
                 finish=row.finish_reason, completion_tokens=len(row.tokens),
-                top=self.top.get(row.key, []))
+                # OpenAI's top_logprobs: the best alternatives at this step, recorded by the
+                # row from the same logits it sampled from (empty unless asked for).
+                top=row.top_logprobs[-1] if row.top_logprobs else [])
             for row in rows
         }
-
-    def _record_top(self, state: gen.DecodeState, logits: torch.Tensor, slots: range) -> None:
-        if not self.top_n:
-            return
-        k = max(self.top_n.values())
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
-        for i, slot in enumerate(slots):
-            key = state.rows[slot].key
-            if key in self.top_n:
-                n = self.top_n[key]
-                self.top[key] = list(zip(ids[i, :n].tolist(), values[i, :n].tolist()))
