@@ -89,7 +89,22 @@ def run_eval(p, out: Path) -> None:
         dpo["dev_reward_accuracy_first"] = rows[0]["eval_accuracy"]
         dpo["dev_reward_accuracy_last"] = rows[-1]["eval_accuracy"]
         dpo["dev_reward_margin_last"] = rows[-1]["eval_reward_margin"]
+        if "eval_prefers_chosen" in rows[-1]:
+            dpo["dev_prefers_chosen_last"] = rows[-1]["eval_prefers_chosen"]
+            dpo["dev_prefers_chosen_ref"] = _ref_prefers_chosen(p)
     (out / "results.json").write_text(json.dumps({"results": results, "dpo": dpo}, indent=1, default=str))
+
+
+def _ref_prefers_chosen(p) -> float:
+    """Share of preference dev pairs the SFT model (DPO's reference) already ranks right."""
+
+    from lalm.train.cached import CachedTrainer
+
+    cfg = p.stage_config("dpo")
+    trainer = CachedTrainer(cfg, p.demo / "cache", progress=False)
+    dev = trainer.records(cfg.eval_data)
+    logps = trainer.pair_logps(dev)
+    return float((logps[:, 0] > logps[:, 1]).float().mean()) if len(dev) else float("nan")
 
 
 def results_table(results: dict) -> tuple[str, dict]:
@@ -115,9 +130,11 @@ def dpo_table(dpo: dict) -> str:
             lines.append(f"| {label} | {b.get(key, float('nan')):.1f} | {a[key]:.1f} |")
     if dpo.get("voice_chat_after") is not None:
         lines.append(f"| voice chat accuracy (%) | {dpo['voice_chat_before']:.1f} | {dpo['voice_chat_after']:.1f} |")
-    if "dev_reward_accuracy_last" in dpo:
-        lines.append(f"| dev reward accuracy (DPO log) | {100 * dpo['dev_reward_accuracy_first']:.1f} (first eval) "
-                     f"| {100 * dpo['dev_reward_accuracy_last']:.1f} |")
+    if "dev_reward_accuracy_last" in dpo:  # before DPO the policy is the reference: every margin is 0
+        lines.append(f"| dev pairs with reward margin > 0 (%) | 0.0 | {100 * dpo['dev_reward_accuracy_last']:.1f} |")
+    if "dev_prefers_chosen_last" in dpo:
+        lines.append(f"| dev pairs with log P(chosen) > log P(rejected) (%) | {100 * dpo['dev_prefers_chosen_ref']:.1f} "
+                     f"| {100 * dpo['dev_prefers_chosen_last']:.1f} |")
     return "\n".join(lines)
 
 
