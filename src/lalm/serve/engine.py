@@ -156,6 +156,9 @@ class Engine:
         self._cv = threading.Condition()
         self._waiting: list[_Request] = []
         self._running: dict[int, _Request] = {}
+        # Requests taken off the queue and being prefilled (outside the lock): they hold rows,
+        # so `submit` counts them, or a burst could overfill the queue during a prefill.
+        self._admitting = 0
         self._keys = itertools.count()
         self._stopping = False
         self._deadline: float | None = None
@@ -189,9 +192,9 @@ class Engine:
 
     @property
     def load(self) -> tuple[int, int]:
-        """(running, waiting) requests."""
+        """(running, waiting) requests; rows being prefilled count as running."""
         with self._cv:
-            return len(self._running), len(self._waiting)
+            return len(self._running) + self._admitting, len(self._waiting)
 
     # ---- submit ----
     def submit(self, prepared: Prepared, options: Options) -> _Request:
@@ -200,7 +203,7 @@ class Engine:
         with self._cv:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
-            free_rows = max(0, self.max_batch - len(self._running))
+            free_rows = max(0, self.max_batch - len(self._running) - self._admitting)
             if len(self._waiting) >= self.max_queue + free_rows:
                 raise QueueFull(
                     f"the server is busy: {len(self._running)} requests running and "
@@ -238,6 +241,7 @@ class Engine:
                     admitted = []
                     self._finish(self._waiting.pop(0), Failed("internal error in the engine"))
                 self._waiting = self._waiting[len(admitted):]
+                self._admitting = len(admitted)
             try:
                 self._tick(dropped, admitted)
             except Exception as e:  # a bug in a backend: fail the batch, keep serving
@@ -250,6 +254,9 @@ class Engine:
                     log.exception("backend.remove failed after an engine error")
                 for r in rows:
                     self._finish(r, Failed(f"internal error in the engine: {type(e).__name__}"))
+            finally:
+                with self._cv:
+                    self._admitting = 0
 
     def _admissible(self, running: int) -> list[_Request]:
         """The longest prefix of the queue that fits (first come, first served: no overtaking).
@@ -286,8 +293,10 @@ class Engine:
                 for r in admitted:
                     self._finish(r, Failed(f"prefill failed: {e}", status))
                 return
-            for r in admitted:
-                self._running[r.key] = r
+            with self._cv:  # one move, so `load` and `submit` never see them in neither place
+                for r in admitted:
+                    self._running[r.key] = r
+                self._admitting = 0
             self._consume(updates)
             self._prefilled_last = True
         elif self._running:

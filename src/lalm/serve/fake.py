@@ -141,7 +141,7 @@ def tiny_random_checkpoint(folder: str | Path, seed: int = 0, vocab_size: int = 
     tok = train_bpe([" ".join(words[i:i + 12]) for i in range(0, len(words), 7)], vocab_size)
     eos = [tok.im_end_id, tok.endoftext_id]
     config = ModelConfig.preset(
-        "tiny", audio_token_index=tok.audio_id,
+        "test-tiny", audio_token_index=tok.audio_id,
         text={"vocab_size": vocab_size, "extra": {"bos_token_id": eos[1], "eos_token_id": eos[0]}})
     g = torch.Generator().manual_seed(seed)
     model = Qwen2AudioForConditionalGeneration(config)
