@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
+from lalm.cli import add_decoding_options
 from lalm.errors import AudioError, ConfigError, LalmError
 
 HELP = ("a line is a text turn; /audio FILE [FILE ...] attaches audio to the next turn "
@@ -33,13 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", help="text of the turn")
     parser.add_argument("--system", help="system prompt (default: the template's)")
     parser.add_argument("--json", action="store_true", help="print one JSON result instead of streaming text")
-    parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the checkpoint's)")
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: as stored)")
-    parser.add_argument("--device", default=None)
+    add_decoding_options(parser)
 
 
 def _check_audio(paths: Iterable[str]) -> list[str]:

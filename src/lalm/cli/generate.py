@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lalm.cli import add_decoding_options
 from lalm.errors import ConfigError, LalmError
 
 
@@ -26,13 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, type=Path, help="JSONL: {\"id\", \"messages\"} per line")
     parser.add_argument("--output", required=True, type=Path, help="JSONL results (appended; restartable)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the checkpoint's)")
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: as stored)")
-    parser.add_argument("--device", default=None)
+    add_decoding_options(parser)
 
 
 def _relative_audio(messages: Any, base: Path) -> Any:
