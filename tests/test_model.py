@@ -3,6 +3,8 @@ checkpoints (fp32, CPU): logits max |diff| <= 1e-4 on every real position."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -254,3 +256,36 @@ def test_training_gradients_are_finite_with_padding(lalm_model):
     assert recomputed.keys() == grads.keys()
     for name, g in grads.items():
         torch.testing.assert_close(recomputed[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_decode_layout_changes_storage_only(hf_model, lalm_model):
+    """use_decode_layout (called under inference_mode, as DecodeState does): same names, shapes and
+    values; the widening projections are stored transposed; logits still match transformers; the
+    model still trains to the same gradients; a second call changes nothing."""
+    x = make_inputs("gqa", SCENARIOS["batch_of_three"])
+    model = copy.deepcopy(lalm_model("gqa"))
+    # As loaded (contiguous), even if another test already decoded with the shared model.
+    model.load_state_dict({n: t.contiguous() for n, t in model.state_dict().items()}, assign=True)
+    grads = gradients(model, x, checkpointing=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.inference_mode():
+        model.use_decode_layout()
+    params = dict(model.named_parameters())
+    assert params.keys() == before.keys()
+    assert all(torch.equal(params[n], before[n]) for n in before)
+    assert not any(torch.is_inference(p) for p in params.values())
+    moved = {n for n, p in params.items() if not p.is_contiguous()}
+    layer = "language_model.model.layers.1."
+    assert {n[len(layer):] for n in moved if n.startswith(layer)} == {
+        "self_attn.q_proj.weight", "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight"}
+    assert "language_model.lm_head.weight" in moved and not any(n.startswith("audio_tower") for n in moved)
+    with torch.no_grad():
+        out = model(x["ids"], x["pos"], x["mask"], x["mel"], x["frames"])
+    ref = reference_logits(hf_model("gqa"), x)
+    assert (out - ref)[x["mask"]].abs().max().item() <= TOL
+    again = gradients(model, x, checkpointing=False)
+    for name, g in grads.items():
+        torch.testing.assert_close(again[name], g, rtol=1e-5, atol=1e-6, msg=name)
+    pointers = {n: p.data_ptr() for n, p in params.items()}
+    model.use_decode_layout()
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == pointers

@@ -255,6 +255,7 @@ class DecodeState:
         """Prefill `batch` (one Row per batch row, same order) and sample each row's first token.
         `max_rows`/`max_len` reserve room for rows added later (continuous batching)."""
         check_context(model, batch)
+        model.use_decode_layout()  # faster one-row GEMMs on CPU; values unchanged
         B, T = batch.input_ids.shape
         budget = max(min(r.options.max_new_tokens, model.config.text.max_position_embeddings) for r in rows)
         cache = KVCache.for_model(model, max(max_rows or B, B), max(max_len or 0, T + budget))
@@ -321,22 +322,46 @@ class DecodeState:
 
     def _accept(self, logits: torch.Tensor, slots: range) -> None:
         """Sample each slot's next token from its logits row; record it; finish rows."""
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        logits = logits.float()  # (n, V)
+        # log p(token) = logit - logsumexp(row): one read of the row instead of a (n, V) log-softmax.
+        lse = torch.logsumexp(logits, dim=-1)  # (n,)
+        tops = {}
+        for i, slot in enumerate(slots):
+            if k := self.rows[slot].options.top_logprobs:
+                top = logits[i].topk(min(k, logits.shape[-1]))
+                tops[i] = list(zip(top.indices.tolist(), (top.values - lse[i]).tolist()))
         # A sampled <|AUDIO|> would need audio features the decode step does not have: never pick it.
         logits[:, self.model.config.audio_token_index] = -math.inf
+        # Plain greedy rows (no penalty, no stop-token masking yet) all take one batched argmax.
+        plain = [self._plain_greedy(self.rows[slot]) for slot in slots]
+        argmax = logits.argmax(-1).tolist() if any(plain) else []
+        tokens = []
         for i, slot in enumerate(slots):
             row = self.rows[slot]
             opts = row.options
+            if plain[i]:
+                tokens.append(argmax[i])
+                continue
             if opts.repetition_penalty != 1.0 and row.seen is None:
                 row.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
                 row.seen[torch.tensor(row.prompt_ids, device=logits.device)] = True
-            token = sample(logits[i], opts, row.generator, row.seen, len(row.tokens))
-            if opts.top_logprobs:
-                top = logprobs[i].topk(min(opts.top_logprobs, logprobs.shape[-1]))
-                row.top_logprobs.append(list(zip(top.indices.tolist(), top.values.tolist())))
+            tokens.append(sample(logits[i], opts, row.generator, row.seen, len(row.tokens)))
+        index = torch.tensor(tokens, dtype=torch.long, device=logits.device)  # (n,)
+        chosen = logits.gather(1, index[:, None])[:, 0] - lse  # (n,); masked ids are never chosen
+        for i, (slot, lp) in enumerate(zip(slots, chosen.tolist())):
+            row = self.rows[slot]
+            if i in tops:
+                row.top_logprobs.append(tops[i])
             context_left = self.max_positions - int(self.next_pos[slot]) - 1
-            row.accept(token, float(logprobs[i, token]), context_left)
-            self.last[slot] = token
+            row.accept(tokens[i], lp, context_left)
+        self.last[slots.start: slots.stop] = index
+
+    @staticmethod
+    def _plain_greedy(row: Row) -> bool:
+        """Whether `sample` would return the plain argmax of the row's logits."""
+        o = row.options
+        return (o.greedy and o.repetition_penalty == 1.0
+                and not (len(row.tokens) < o.min_new_tokens and o.stop_token_ids))
 
     @torch.inference_mode()
     def pop_finished(self) -> list[Row]:

@@ -226,7 +226,8 @@ class Attention(nn.Module):
         )  # o does not
 
     def forward(self, x, cos, sin, mask, kv: tuple | None, cache_pos, n_keys: int) -> torch.Tensor:
-        # x (B, T, hidden); mask (B, 1, T, S) bool or None (then causal over T == S keys)
+        # x (B, T, hidden); mask (B, 1, T, S) bool or None (then causal over T == S keys, or a
+        # single query that sees every key)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = (
@@ -240,6 +241,15 @@ class Attention(nn.Module):
             v_cache.index_copy_(2, cache_pos, v)
             k, v = k_cache[:, :, :n_keys], v_cache[:, :, :n_keys]
         groups = self.num_heads // self.num_kv_heads
+        if T == 1 and groups > 1:
+            # Decode: the `groups` query heads sharing a KV head become that head's query rows,
+            # (B, H, 1, D) -> (B, Hkv, groups, D), so K/V are read in place instead of expanded
+            # (each query row's softmax is computed on its own either way); mask (B, 1, 1, S)
+            # broadcasts over the rows.
+            out = F.scaled_dot_product_attention(
+                q.reshape(B, self.num_kv_heads, groups, self.head_dim), k, v, attn_mask=mask
+            )  # (B, Hkv, groups, D)
+            return self.o_proj(out.reshape(B, 1, -1))
         if groups > 1 and mask is not None:
             # Fused GQA kernels take no arbitrary mask; expand K/V as transformers' repeat_kv does.
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -306,6 +316,8 @@ def attention_mask_4d(attention_mask: torch.Tensor | None, cache_pos: torch.Tens
     no_padding = attention_mask is None or bool(attention_mask.all())
     if no_padding and T == n_keys:
         return None  # prefill from slot 0: SDPA's is_causal
+    if no_padding and T == 1 and int(cache_pos[0]) == n_keys - 1:
+        return None  # one decode query at the last slot sees every key: no mask at all
     keys = torch.arange(n_keys, device=cache_pos.device)
     causal = keys[None, :] <= cache_pos[:, None]  # (T, S)
     if no_padding:
@@ -327,6 +339,30 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         # Training memory: recompute each decoder layer's activations in the backward pass.
         # (`audio_tower.gradient_checkpointing` does the same for the encoder.)
         self.gradient_checkpointing = False
+
+    def use_decode_layout(self) -> None:
+        """Store the decoder's widening projections (out >= in: q, o, gate, up, LM head) transposed
+        in memory, same shapes, values and names. Idempotent; CPU only; the LM head stays as stored
+        when it is tied to the embedding.
+
+        Why: a decode step is one-row GEMMs that stream every weight once, and on CPU (MKL, fp32
+        and bf16) `x @ W.t()` reads W about 1.3x faster when W.t() is the contiguous operand
+        (measured: gate 896->4864 1.53 vs 2.20 ms, LM head 52 vs 76 ms per row); narrowing ones
+        (k, v, down) are faster as stored. Training and saving are unaffected (autograd does not
+        care about strides; weights.save writes contiguous copies).
+        """
+        head = self.language_model.lm_head
+        if head.weight.device.type != "cpu":
+            return
+        tied = head.weight is self.language_model.model.embed_tokens.weight
+        linears = [m for m in self.language_model.model.layers.modules() if isinstance(m, nn.Linear)]
+        # The new storage must be an ordinary tensor even when called under inference_mode,
+        # or the model could no longer be trained afterwards.
+        with torch.inference_mode(False), torch.no_grad():
+            for m in linears + ([] if tied else [head]):
+                w = m.weight
+                if w.shape[0] >= w.shape[1] and w.is_contiguous():
+                    w.data = w.data.t().contiguous().t()  # (out, in) shape, strides (1, out)
 
     def encode_audio(self, mel: torch.Tensor, mel_frames: torch.Tensor) -> torch.Tensor:
         """mel (A, n_mels, F), mel_frames (A,) -> (sum N_i, hidden): window i's N_i vectors, in order."""
