@@ -23,7 +23,7 @@ from hf_reference import (
 )
 
 from lalm.errors import AudioError, ChatFormatError
-from lalm.model import KVCache, num_audio_tokens
+from lalm.model import KVCache, fused_weight, num_audio_tokens
 
 TOL = 1e-4
 
@@ -277,12 +277,25 @@ def test_decode_layout_changes_storage_only(hf_model, lalm_model):
     moved = {n for n, p in params.items() if not p.is_contiguous()}
     layer = "language_model.model.layers.1."
     assert {n[len(layer):] for n in moved if n.startswith(layer)} == {
-        "self_attn.q_proj.weight", "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight"}
+        f"self_attn.{k}_proj.weight" for k in "qkvo"} | {"mlp.gate_proj.weight", "mlp.up_proj.weight"}
     assert "language_model.lm_head.weight" in moved and not any(n.startswith("audio_tower") for n in moved)
+    attn, mlp = model.language_model.model.layers[1].self_attn, model.language_model.model.layers[1].mlp
+    assert fused_weight((attn.o_proj, mlp.gate_proj)) is None
     with torch.no_grad():
+        w = fused_weight((attn.q_proj, attn.k_proj, attn.v_proj))
+        assert w.shape == (64, 64 + 32 + 32) and torch.equal(w[:, 64:96], before[layer + "self_attn.k_proj.weight"].t())
+        assert fused_weight((mlp.gate_proj, mlp.up_proj)) is not None
         out = model(x["ids"], x["pos"], x["mask"], x["mel"], x["frames"])
+        # one row: the fused q|k|v and gate|up GEMMs of a cached decode step
+        ids, pos, T = x["ids"][1:2], x["pos"][1:2], int(x["mask"][1].sum())
+        ids, pos = ids[:, -T:], pos[:, -T:]
+        cache = KVCache.for_model(model, batch=1, max_len=T)
+        first = model(ids[:, :-1], pos[:, :-1], cache=cache, cache_pos=0)
+        last = model(ids[:, -1:], pos[:, -1:], cache=cache, cache_pos=T - 1)
     ref = reference_logits(hf_model("gqa"), x)
     assert (out - ref)[x["mask"]].abs().max().item() <= TOL
+    assert (torch.cat([first, last], 1)[0] - ref[1, -T:]).abs().max().item() <= TOL
+    assert fused_weight((attn.q_proj, attn.k_proj, attn.v_proj)) is None  # gradients on: plain path
     again = gradients(model, x, checkpointing=False)
     for name, g in grads.items():
         torch.testing.assert_close(again[name], g, rtol=1e-5, atol=1e-6, msg=name)
