@@ -10,8 +10,9 @@ weights, saved, and loaded by lalm. Prints, per dtype:
   generated token to the (N+1)-th, so the prefill is not counted), for both;
 - time to first token for a 5 s and a 30 s clip (waveform -> log-mel -> prefill -> first token;
   transformers pads every clip to 30 s, lalm encodes the valid frames);
-- the machine's memory bandwidth (a 1 GiB tensor copy) and the tokens/s it allows when every
-  decode step reads the fp32 decoder weights once (the batch-1 ceiling).
+- the machine's memory bandwidth (a 1 GiB tensor copy, and its sum: read only) and the tokens/s
+  the read bandwidth allows when every decode step reads the decoder weights once (the batch-1
+  ceiling).
 
 Trials alternate lalm and transformers and each figure is the median, since the CPU is shared.
 Not a test: nothing is asserted. Results go to docs/benchmarks.md by hand.
@@ -62,11 +63,14 @@ def timed(fn, trials: int) -> list[float]:
     return out
 
 
-def bandwidth_gbs(trials: int = 5) -> float:
+def bandwidth_gbs(trials: int = 5) -> tuple[float, float]:
+    """(copy, read) GB/s: a 1 GiB tensor copy (read + write bytes), and its sum (read only, which
+    is what a decode step does with the weights)."""
     a = torch.ones(256 * 2**20, dtype=torch.float32)  # 1 GiB
     b = torch.empty_like(a)
-    best = min(timed(lambda: b.copy_(a), trials))
-    return 2 * 2**30 / best / 1e9  # read + write
+    copy = 2 * 2**30 / min(timed(lambda: b.copy_(a), trials)) / 1e9
+    read = 2**30 / min(timed(lambda: a.sum(), trials)) / 1e9
+    return copy, read
 
 
 def decoder_weight_bytes(model, dtype_bytes: int = 4) -> int:
@@ -193,10 +197,10 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    bw = bandwidth_gbs()
+    copy_bw, bw = bandwidth_gbs()
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}; copy bandwidth {bw:.1f} GB/s")
-    results = {"bandwidth_gbs": bw, "threads": torch.get_num_threads()}
+          f"torch {torch.__version__}; copy bandwidth {copy_bw:.1f} GB/s (read + write), read {bw:.1f} GB/s")
+    results = {"bandwidth_gbs": bw, "copy_bandwidth_gbs": copy_bw, "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "mid"
         build_checkpoint(folder)
