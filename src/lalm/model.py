@@ -175,13 +175,13 @@ def fused_weight(linears: tuple[nn.Module, ...]) -> torch.Tensor | None:
         return None
     ws = [m.weight for m in linears]
     total = sum(w.shape[0] for w in ws)
-    storage, offset = ws[0].untyped_storage().data_ptr(), ws[0].storage_offset()
+    address, size = ws[0].data_ptr(), ws[0].element_size()
     for w in ws:  # column blocks of one (in, total) row-major tensor, in order
-        if w.stride() != (1, total) or w.storage_offset() != offset:
+        # An address inside the first block's extent is inside its storage (allocations do not
+        # overlap), and as_strided checks the bounds: cheap tests, run every decode step.
+        if w.stride() != (1, total) or w.data_ptr() != address:
             return None
-        if w.untyped_storage().data_ptr() != storage:
-            return None
-        offset += w.shape[0]
+        address += w.shape[0] * size
     return ws[0].detach().as_strided((ws[0].shape[1], total), (total, 1))
 
 
@@ -247,16 +247,19 @@ class Attention(nn.Module):
         # x (B, T, hidden); mask (B, 1, T, S) bool or None (then causal over T == S keys, or a
         # single query that sees every key)
         B, T, _ = x.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         projections = (self.q_proj, self.k_proj, self.v_proj)
         if B * T == 1 and (w := fused_weight(projections)) is not None:
-            bias = torch.cat([p.bias for p in projections])
-            q, k, v = torch.addmm(bias, x.reshape(1, -1), w).split([p.out_features for p in projections], -1)
+            # One GEMM for q|k|v, one RoPE for q|k: a decode step of one row is op-bound beside
+            # its weight reads.
+            qkv = torch.addmm(torch.cat([p.bias for p in projections]), x.reshape(1, -1), w)
+            qk = apply_rope(qkv[:, : (H + Hkv) * D].view(1, H + Hkv, 1, D), cos, sin)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, (H + Hkv) * D:].view(1, Hkv, 1, D)
         else:
-            q, k, v = (p(x) for p in projections)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+            k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+            v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             k_cache, v_cache = kv  # (B, Hkv, S_max, D) views into KVCache
             k_cache.index_copy_(2, cache_pos, k)
@@ -428,10 +431,26 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         keep = torch.arange(x.shape[1], device=x.device)[None, :] < n_tokens[:, None]  # (A, P)
         return self.multi_modal_projector(x[keep])  # project only the kept rows
 
-    def embed(self, input_ids, mel=None, mel_frames=None) -> torch.Tensor:
-        """Token embeddings (B, T, hidden) with audio vectors at the <|AUDIO|> positions."""
+    def embed(self, input_ids, mel=None, mel_frames=None, audio_rows=None) -> torch.Tensor:
+        """Token embeddings (B, T, hidden) with audio vectors at the <|AUDIO|> positions.
+
+        audio_rows (sum N, d_audio): the frozen encoder's kept output rows (cached), given instead
+        of mel; only the projector runs on them.
+        """
         x = self.language_model.model.embed_tokens(input_ids)
         is_audio = input_ids == self.config.audio_token_index
+        if audio_rows is not None:
+            if mel is not None:
+                raise ValueError("pass mel or audio_rows, not both")
+            w = self.multi_modal_projector.linear.weight
+            feats = self.multi_modal_projector(audio_rows.to(w.device, w.dtype))
+            if int(is_audio.sum()) != feats.shape[0]:
+                raise ChatFormatError(
+                    f"audio features and <|AUDIO|> tokens do not match: {feats.shape[0]} "
+                    f"cached encoder rows, {int(is_audio.sum())} tokens"
+                )
+            x[is_audio] = feats.to(x.dtype)
+            return x
         if mel is None:
             if bool(is_audio.any()):
                 raise ChatFormatError(
@@ -457,6 +476,7 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         mel_frames=None,
         cache: KVCache | None = None,
         cache_pos=None,
+        audio_rows=None,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, hidden). See `forward` for the arguments."""
         B, T = input_ids.shape
@@ -482,7 +502,7 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
                 if attention_mask is not None
                 else cache_pos[None].expand(B, T)
             )
-        x = self.embed(input_ids, mel, mel_frames)
+        x = self.embed(input_ids, mel, mel_frames, audio_rows)
         c = self.config.text
         cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, x.dtype)
         mask = attention_mask_4d(attention_mask, cache_pos, n_keys)
@@ -503,6 +523,7 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         cache: KVCache | None = None,
         cache_pos: int | torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        audio_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V), or (B, logits_to_keep, V) for the last positions only.
 
@@ -510,11 +531,12 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         attention_mask (B, S) bool, True on real tokens: without a cache S == T, with a cache S is
         the number of cache slots used after this call (all keys so far plus these T);
         mel (A, n_mels, F) and mel_frames (A,) for the <|AUDIO|> tokens of input_ids;
-        cache + cache_pos (int first slot, or (T,) long slots) to write this call's keys/values.
+        cache + cache_pos (int first slot, or (T,) long slots) to write this call's keys/values;
+        audio_rows (sum N, d_audio) cached encoder outputs instead of mel (see `embed`).
         Training: call `hidden_states(...)` and apply `language_model.lm_head` to target rows only.
         """
         h = self.hidden_states(
-            input_ids, position_ids, attention_mask, mel, mel_frames, cache, cache_pos
+            input_ids, position_ids, attention_mask, mel, mel_frames, cache, cache_pos, audio_rows
         )
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
