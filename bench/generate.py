@@ -64,13 +64,15 @@ def timed(fn, trials: int) -> list[float]:
 
 
 def bandwidth_gbs(trials: int = 5) -> tuple[float, float]:
-    """(copy, read) GB/s: a 1 GiB tensor copy (read + write bytes), and its sum (read only, which
-    is what a decode step does with the weights)."""
+    """(copy, read) GB/s: a 1 GiB tensor copy (read + write bytes); and reading it only, which is
+    what a decode step does with the weights: the faster of its sum and a matrix-vector product
+    over it (either kernel alone can fall short of the memory's read rate)."""
     a = torch.ones(256 * 2**20, dtype=torch.float32)  # 1 GiB
     b = torch.empty_like(a)
     copy = 2 * 2**30 / min(timed(lambda: b.copy_(a), trials)) / 1e9
-    read = 2**30 / min(timed(lambda: a.sum(), trials)) / 1e9
-    return copy, read
+    m, v = a.view(2**14, 2**14), torch.ones(2**14)
+    read = min(timed(lambda: a.sum(), trials) + timed(lambda: torch.mv(m.t(), v), trials))  # seconds
+    return copy, 2**30 / read / 1e9
 
 
 def decoder_weight_bytes(model, dtype_bytes: int = 4) -> int:
