@@ -21,7 +21,7 @@ import torch
 
 from lalm import audio as A
 from lalm import chat
-from lalm.errors import AudioError, ContextLengthError
+from lalm.errors import AudioError, ChatFormatError, ContextLengthError
 from lalm.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
@@ -34,6 +34,9 @@ class Example:
     mels: list[torch.Tensor]  # one (n_mels, F_w) float32 per audio window, in order
     frames: list[int]  # valid mel frames L_mel per window
     audio_tokens: int  # number of <|AUDIO|> tokens in ids (sum over windows)
+    # Instead of mels: the frozen encoder's output rows of every audio in order, (audio_tokens, d_audio),
+    # after its final LayerNorm and before the projector (what train/encoder_cache.py stores).
+    audio_rows: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -47,6 +50,7 @@ class Batch:
     mel: torch.Tensor | None = None  # (A, n_mels, F) float32, all windows in order, right padded
     mel_frames: torch.Tensor | None = None  # (A,) long, valid frames of each window
     labels: torch.Tensor | None = None  # (B, T) long, target of position t (= token t+1) or -100
+    audio_rows: torch.Tensor | None = None  # (sum N, d_audio) cached encoder rows, in order; instead of mel
 
     def to(self, device: torch.device | str) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -67,13 +71,22 @@ def audio_windows(src: Any, n_mels: int, name: str = "audio") -> tuple[list[torc
     return mels, frames, n_tokens
 
 
-def _example(rendered: chat.Rendered, mels, frames, n_tokens: int, max_length: int | None) -> Example:
+def _example(rendered: chat.Rendered, mels, frames, n_tokens: int, max_length: int | None,
+             audio_rows: torch.Tensor | None = None) -> Example:
     if max_length is not None and len(rendered.ids) > max_length:
         raise ContextLengthError(f"the prompt is {len(rendered.ids)} tokens ({n_tokens} of them audio) but "
                                  f"the limit is {max_length}")
     return Example(ids=torch.tensor(rendered.ids, dtype=torch.long),
                    loss_mask=torch.tensor(rendered.loss_mask, dtype=torch.bool),
-                   mels=mels, frames=frames, audio_tokens=n_tokens)
+                   mels=mels, frames=frames, audio_tokens=n_tokens, audio_rows=audio_rows)
+
+
+def _rows(sources: Sequence[Any], audio_rows: Sequence[torch.Tensor]):
+    """Precomputed encoder rows stand in for the audio sources (which are then never loaded)."""
+    if len(audio_rows) != len(sources):
+        raise ChatFormatError(f"{len(sources)} audios but {len(audio_rows)} entries in audio_rows")
+    per_audio = [int(r.shape[0]) for r in audio_rows]
+    return [], [], per_audio, torch.cat(list(audio_rows)) if audio_rows else None
 
 
 def _load_all(sources: Sequence[Any], n_mels: int):
@@ -87,25 +100,38 @@ def _load_all(sources: Sequence[Any], n_mels: int):
 
 
 def prepare(messages: Any, tokenizer: Tokenizer, n_mels: int, add_generation_prompt: bool = True,
-            train_on: Literal["all", "last"] = "all", max_length: int | None = None) -> Example:
-    """A conversation (Instruct template) -> Example. Raises ChatFormatError / AudioError / ContextLengthError."""
+            train_on: Literal["all", "last"] = "all", max_length: int | None = None,
+            audio_rows: Sequence[torch.Tensor] | None = None) -> Example:
+    """A conversation (Instruct template) -> Example. Raises ChatFormatError / AudioError / ContextLengthError.
+
+    audio_rows: one (N_i, d_audio) tensor of cached encoder rows per audio, in order, used instead
+    of loading the audio (the Example then carries `audio_rows` and no mels).
+    """
     msgs = chat.validate(messages)
-    mels, frames, per_audio = _load_all(chat.audios(msgs), n_mels)
+    if audio_rows is None:
+        mels, frames, per_audio = _load_all(chat.audios(msgs), n_mels)
+        rows = None
+    else:
+        mels, frames, per_audio, rows = _rows(chat.audios(msgs), audio_rows)
     rendered = chat.render(msgs, tokenizer, per_audio, add_generation_prompt=add_generation_prompt,
                            train_on=train_on)
-    return _example(rendered, mels, frames, sum(per_audio), max_length)
+    return _example(rendered, mels, frames, sum(per_audio), max_length, rows)
 
 
 def prepare_raw(prompt: str, audios: Sequence[Any], tokenizer: Tokenizer, n_mels: int, target: str | None = None,
-                max_length: int | None = None) -> Example:
-    """A base-model raw prompt with `<|AUDIO|>` placeholders (+ optional target) -> Example."""
+                max_length: int | None = None, audio_rows: Sequence[torch.Tensor] | None = None) -> Example:
+    """A base-model raw prompt with `<|AUDIO|>` placeholders (+ optional target) -> Example (audio_rows: as prepare)."""
     n_placeholders = prompt.count(chat.AUDIO) if isinstance(prompt, str) else -1
     if n_placeholders != len(audios):
         # fail before decoding any audio
         chat.render_raw(prompt, tokenizer, [0] * len(audios), target)
-    mels, frames, per_audio = _load_all(audios, n_mels)
+    if audio_rows is None:
+        mels, frames, per_audio = _load_all(audios, n_mels)
+        rows = None
+    else:
+        mels, frames, per_audio, rows = _rows(audios, audio_rows)
     rendered = chat.render_raw(prompt, tokenizer, per_audio, target=target)
-    return _example(rendered, mels, frames, sum(per_audio), max_length)
+    return _example(rendered, mels, frames, sum(per_audio), max_length, rows)
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:
@@ -135,4 +161,8 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
         for a, m in enumerate(mels):
             mel[a, :, : m.shape[1]] = m
         mel_frames = torch.tensor([f for e in examples for f in e.frames], dtype=torch.long)
-    return Batch(input_ids, attention_mask, position_ids, mel, mel_frames, labels)
+    rows = [e.audio_rows for e in examples if e.audio_rows is not None]
+    if rows and mels:  # one audio source per batch: the model scatters them in order of appearance
+        raise ValueError("collate: examples mix mel windows and cached audio_rows")
+    audio_rows = torch.cat(rows) if rows else None
+    return Batch(input_ids, attention_mask, position_ids, mel, mel_frames, labels, audio_rows)

@@ -44,6 +44,15 @@ class TrainConfig:
     augment_gain_db: float = 0.0  # random gain in [-x, +x] dB
     augment_speed: float = 0.0  # random speed factor in [1-x, 1+x]
     augment_noise_snr_db: float | None = None  # white noise at this SNR (dB), None = off
+    # Frozen encoder, cached: its outputs for every clip of data + eval_data are computed once
+    # and kept in this folder (encoder_cache.FeatureCache); steps then start at the projector.
+    # On a CPU the encoder costs about as much per clip as a decoder training pass.
+    feature_cache: str | None = None
+    # Augmentation of the cached rows (the waveform is never re-encoded), pretrain/SFT only:
+    feature_dropout: float = 0.0  # elementwise dropout on the rows (scaled by 1 / (1 - p))
+    feature_time_masks: int = 0  # spans of rows zeroed per clip
+    feature_time_mask_len: int = 4  # at most this many rows per span (25 rows = 1 s)
+    feature_noise: float = 0.0  # std of Gaussian noise added to the (layer-normed) rows
 
     # --- optimisation -----------------------------------------------------------------------
     max_steps: int = 100
@@ -97,7 +106,30 @@ class TrainConfig:
                 raise ConfigError(f"lora_components: {c!r} is not one of {', '.join(COMPONENTS)}")
         if self.lora_r and not self.lora_target_modules:
             raise ConfigError("lora_target_modules: LoRA (lora_r > 0) needs target module names")
+        self._validate_feature_cache()
         return self
+
+    def _validate_feature_cache(self) -> None:
+        if not 0.0 <= self.feature_dropout < 1.0:
+            raise ConfigError(f"feature_dropout: must be in [0, 1), got {self.feature_dropout}")
+        for key in ("feature_time_masks", "feature_time_mask_len", "feature_noise"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if not self.feature_cache:
+            for key in ("feature_dropout", "feature_time_masks", "feature_noise"):
+                if getattr(self, key):
+                    raise ConfigError(f"{key}: augments cached encoder rows; set feature_cache (a folder) too")
+            return
+        if "encoder" not in self.freeze:
+            raise ConfigError("feature_cache: cached encoder outputs need the encoder frozen (freeze: [encoder])")
+        if self.lora_r:
+            raise ConfigError("feature_cache: not with LoRA (lora_r > 0); the cached path trains the decoder directly")
+        waveform = {"augment_gain_db": self.augment_gain_db != 0, "augment_speed": self.augment_speed != 0,
+                    "augment_noise_snr_db": self.augment_noise_snr_db is not None}
+        for key, on in waveform.items():
+            if on:
+                raise ConfigError(f"{key}: waveform augmentation cannot apply to cached encoder outputs "
+                                  "(feature_cache is set); use feature_dropout / feature_time_masks / feature_noise")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

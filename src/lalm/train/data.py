@@ -16,6 +16,11 @@ incomplete batch of an epoch is dropped so every step sees exactly `batch_size` 
 Bad records (malformed line, missing or unreadable audio, over-long) are skipped and counted;
 the trainer reports the count at the end. Augmentation (gain, speed, noise) draws from a
 generator seeded by (seed, epoch, index), so it too is replayed exactly on resume.
+
+With a frozen encoder the audio may come from a `FeatureCache` instead (cfg.feature_cache):
+examples then carry the cached encoder rows (`Example.audio_rows`, audio token counts from the
+cache) and no mels, and the augmentation is on those rows (`augment_rows`: dropout, time masks,
+noise), seeded the same way.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from lalm.data.manifest import read_manifest
 from lalm.errors import ChatFormatError, ConfigError, LalmError
 from lalm.processor import Example, prepare, prepare_raw
 from lalm.tokenizer import AUDIO, AUDIO_BOS, AUDIO_EOS, Tokenizer
+from lalm.train.encoder_cache import FeatureCache
 
 MEGA_BATCHES = 16  # global batches per length-sorted group
 
@@ -86,10 +92,15 @@ class TrainData:
     """The usable records of a manifest for one stage, and the deterministic batch schedule."""
 
     def __init__(self, path: str, stage: str, tokenizer: Tokenizer, n_mels: int, *, train_on: str = "all",
-                 max_length: int | None = None, augment: dict | None = None, seed: int = 0):
+                 max_length: int | None = None, augment: dict | None = None, seed: int = 0,
+                 features: FeatureCache | None = None, feature_augment: dict | None = None):
+        """augment: augment_wave's keywords; features: cached encoder rows used instead of the audio,
+        augmented with augment_rows' keywords (feature_augment)."""
         self.path, self.stage, self.tokenizer, self.n_mels = path, stage, tokenizer, n_mels
         self.train_on, self.max_length, self.seed = train_on, max_length, seed
         self.augment = augment or {}
+        self.features = features
+        self.feature_augment = feature_augment or {}
         self.skipped = Skipped()
         manifest = read_manifest(path, warn=False)
         for line, message in manifest.problems:
@@ -123,6 +134,12 @@ class TrainData:
         msgs = chat.validate(rec["messages"])
         counts = []
         for src in chat.audios(msgs):
+            if self.features is not None:
+                if src not in self.features:
+                    raise LalmError(f"{where}: {src} is not in the feature cache {self.features.folder} "
+                                    "(the encoder could not read it)")
+                counts.append(self.features.tokens(src))
+                continue
             info = sf.info(src)
             seconds = info.frames / info.samplerate
             counts.append(max(1, A.num_audio_tokens(A.num_frames(math.ceil(seconds * A.SAMPLE_RATE)))))
@@ -141,9 +158,19 @@ class TrainData:
         rng = np.random.default_rng([self.seed, epoch, index, k])
         return augment_wave(wave, rng, **self.augment)
 
+    def _rows(self, src: str, index: int, epoch: int, k: int) -> torch.Tensor:
+        """Cached encoder rows (N, d) float32 of one audio, augmented when configured (never for DPO)."""
+        x = self.features.get(src).float()
+        if not self.feature_augment or self.stage == "dpo":
+            return x
+        seed = int(np.random.default_rng([self.seed, epoch, index, k]).integers(2**62))
+        return augment_rows(x, torch.Generator().manual_seed(seed), **self.feature_augment)
+
     def examples(self, index: int, epoch: int = 0) -> list[Example]:
         """The example(s) of record `index`: one, or (chosen, rejected) for DPO."""
         rec = self.records[index]
+        if self.features is not None:
+            return self._cached_examples(rec, index, epoch)
         msgs = [dict(m) for m in rec["messages"]]
         k = 0
         for m in msgs:
@@ -165,6 +192,22 @@ class TrainData:
         # DPO: only the answer is scored (train_on="last"), so earlier turns never enter log P(y|x).
         return [prepare(msgs + [{"role": "assistant", "content": rec[key]}], self.tokenizer, self.n_mels,
                         add_generation_prompt=False, train_on="last", max_length=self.max_length)
+                for key in ("chosen", "rejected")]
+
+    def _cached_examples(self, rec: dict, index: int, epoch: int) -> list[Example]:
+        """As `examples`, the audio replaced by its (augmented) cached encoder rows."""
+        msgs = rec["messages"]
+        rows = [self._rows(src, index, epoch, k) for k, src in enumerate(chat.audios(chat.validate(msgs)))]
+        if self.stage == "pretrain":
+            prompt, audios, target = raw_prompt(msgs)
+            return [prepare_raw(prompt, audios, self.tokenizer, self.n_mels, target=target,
+                                max_length=self.max_length, audio_rows=rows)]
+        if self.stage == "sft":
+            return [prepare(msgs, self.tokenizer, self.n_mels, add_generation_prompt=False,
+                            train_on=self.train_on, max_length=self.max_length, audio_rows=rows)]
+        return [prepare(msgs + [{"role": "assistant", "content": rec[key]}], self.tokenizer, self.n_mels,
+                        add_generation_prompt=False, train_on="last", max_length=self.max_length,
+                        audio_rows=rows)
                 for key in ("chosen", "rejected")]
 
     # -- schedule --------------------------------------------------------------------------------
@@ -202,6 +245,24 @@ def rank_slice(batch: list[int], rank: int, world: int) -> list[int]:
 def micro_batches(items: list, micro: int) -> list[list]:
     micro = micro or len(items)
     return [items[i: i + micro] for i in range(0, len(items), micro)]
+
+
+def augment_rows(x: torch.Tensor, g: torch.Generator, dropout: float = 0.0, time_masks: int = 0,
+                 time_mask_len: int = 4, noise: float = 0.0) -> torch.Tensor:
+    """Cached encoder rows x (N, d) -> augmented copy: `time_masks` spans of up to `time_mask_len`
+    rows zeroed (only when the clip is over twice that long), Gaussian noise of std `noise`, then
+    elementwise dropout (kept values scaled by 1 / (1 - dropout))."""
+    x = x.clone()
+    for _ in range(time_masks):
+        w = int(torch.randint(0, time_mask_len + 1, (1,), generator=g))
+        if w and x.shape[0] > 2 * w:
+            start = int(torch.randint(0, x.shape[0] - w, (1,), generator=g))
+            x[start: start + w] = 0
+    if noise:
+        x = x + noise * torch.randn(x.shape, generator=g)
+    if dropout:
+        x = x * (torch.rand(x.shape, generator=g) >= dropout) / (1.0 - dropout)
+    return x
 
 
 def augment_wave(wave: np.ndarray, rng: np.random.Generator, gain_db: float = 0.0, speed: float = 0.0,

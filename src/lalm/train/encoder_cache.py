@@ -6,8 +6,12 @@ stores the kept rows (the `num_audio_tokens` vectors per window, after AvgPool a
 *before* the projector) on disk:
 
     DIR/features.safetensors   one (sum N, d_model) fp16 tensor per shard, "shard_<k>"
-    DIR/index.json             {"fingerprint": ..., "n_mels": 80, "d_model": 384,
+    DIR/index.json             {"fingerprint": ..., "n_mels": 80, "d_model": 384, ["dtype": "float32",]
                                 "items": {path: [shard, offset, n_tokens]}}
+
+fp16 halves the disk and memory at a relative rounding of 2^-11 per value; `dtype=torch.float32`
+keeps the encoder's output exactly (tests compare it with the mel path). A clip the encoder
+cannot read (unreadable, too short for one token) is left out, so the trainer skips its records.
 
 The fingerprint hashes the encoder's weights, so a cache built with other weights is never
 reused. Clips are encoded in batches of similar length (less padding). Long audio (> 30 s)
@@ -26,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lalm import audio as A
-from lalm.errors import AudioError, CheckpointError
+from lalm.errors import CheckpointError, LalmError
 from lalm.processor import audio_windows
 
 INDEX = "index.json"
@@ -57,10 +61,11 @@ def encode_windows(tower: torch.nn.Module, mels: list[torch.Tensor], frames: lis
 class FeatureCache:
     """Encoder outputs per audio path, persisted under `folder`."""
 
-    def __init__(self, folder: str | Path, tower: torch.nn.Module, n_mels: int):
+    def __init__(self, folder: str | Path, tower: torch.nn.Module, n_mels: int, dtype: torch.dtype = torch.float16):
         self.folder = Path(folder)
         self.tower = tower.eval()
         self.n_mels = n_mels
+        self.dtype = dtype
         self.d_model = int(tower.layer_norm.weight.shape[0])
         self.fingerprint = encoder_fingerprint(tower)
         self.items: dict[str, tuple[int, int, int]] = {}
@@ -75,8 +80,8 @@ class FeatureCache:
             meta = json.loads(index.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{index}: not valid JSON ({e}); delete the folder to rebuild") from None
-        if (meta.get("fingerprint"), meta.get("n_mels"), meta.get("d_model")) != (
-                self.fingerprint, self.n_mels, self.d_model):
+        if (meta.get("fingerprint"), meta.get("n_mels"), meta.get("d_model"), meta.get("dtype", "float16")) != (
+                self.fingerprint, self.n_mels, self.d_model, _dtype_name(self.dtype)):
             return  # another encoder: start afresh (the files are rewritten on save)
         tensors = load_file(str(self.folder / FEATURES))
         self.shards = [tensors[f"shard_{k}"] for k in range(len(tensors))]
@@ -89,7 +94,7 @@ class FeatureCache:
         return len(self.items)
 
     def get(self, path: str) -> torch.Tensor:
-        """(N, d_model) fp16 rows of one audio file."""
+        """(N, d_model) rows of one audio file (the cache's dtype, fp16 by default)."""
         shard, off, n = self.items[str(path)]
         return self.shards[shard][off: off + n]
 
@@ -110,7 +115,10 @@ class FeatureCache:
                 info = sf.info(p)
                 return info.frames / info.samplerate
             except RuntimeError:  # raw PCM and the like: load_audio knows them
-                return len(A.load_audio(p)) / A.SAMPLE_RATE
+                try:
+                    return len(A.load_audio(p)) / A.SAMPLE_RATE
+                except LalmError:  # unreadable: skipped below
+                    return 0.0
 
         todo.sort(key=seconds)  # similar lengths together: less padding
         rows, out, pos = [], [], 0
@@ -119,25 +127,30 @@ class FeatureCache:
         while i < len(todo):
             # the longest clip in a batch bounds its padded cost: ~batch_seconds of padded audio
             per = max(1, int(batch_seconds / max(min(seconds(todo[i]), 30.0), 0.5)))
-            group = []
-            for p in todo[i: i + per]:
-                mels, frames, _ = audio_windows(p, self.n_mels, name=p)
+            group, chunk = [], todo[i: i + per]
+            for p in chunk:
+                try:
+                    mels, frames, _ = audio_windows(p, self.n_mels, name=p)
+                except (LalmError, RuntimeError, OSError):  # unreadable / too short: its records are skipped
+                    continue
                 group.append((p, mels, frames))
-            i += len(group)
+            i += len(chunk)
+            bar.update(len(chunk))
+            if not group:
+                continue
             mels = [m for _, ms, _ in group for m in ms]
             frames = [f for _, _, fs in group for f in fs]
             feats = encode_windows(self.tower, mels, frames)
             k = 0
             for p, ms, _ in group:
-                x = torch.cat(feats[k: k + len(ms)]).to(torch.float16)  # (N, d)
+                x = torch.cat(feats[k: k + len(ms)]).to(self.dtype)  # (N, d)
                 k += len(ms)
-                if x.shape[0] == 0:
-                    raise AudioError(f"{p}: too short for a single audio token")
                 out.append(x)
                 rows.append((p, pos, x.shape[0]))
                 pos += x.shape[0]
-            bar.update(len(group))
         bar.close()
+        if not out:
+            return 0
         shard = len(self.shards)
         self.shards.append(torch.cat(out))
         for p, off, n in rows:
@@ -151,10 +164,14 @@ class FeatureCache:
         save_file({f"shard_{k}": t.contiguous() for k, t in enumerate(self.shards)}, str(tmp))
         tmp.replace(self.folder / FEATURES)
         meta = {"fingerprint": self.fingerprint, "n_mels": self.n_mels, "d_model": self.d_model,
-                "items": self.items}
+                "dtype": _dtype_name(self.dtype), "items": self.items}
         (self.folder / INDEX).write_text(json.dumps(meta))
 
     def seconds(self) -> float:
         """Audio seconds cached (25 tokens per second)."""
         return sum(n for _, _, n in self.items.values()) / 25.0 if self.items else 0.0
 
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -10,8 +10,13 @@ how a global batch is split across processes or into micro-batches: 2 ranks x 4 
 
 Logits are computed only at target rows (`model.hidden_states` then `lm_head` on the selected
 rows): with a 152k vocabulary the full (B, T, V) logits are the largest tensor of a step, and
-audio/prompt rows carry no loss. A frozen encoder's outputs could be cached the same way later:
-`_forward_rows` is the single place that turns a Batch into target logits.
+audio/prompt rows carry no loss. `_forward_rows` is the single place that turns a Batch into
+target logits.
+
+cfg.feature_cache (encoder frozen): setup encodes every clip of data + eval_data once into that
+folder (rank 0; the others wait, then read it), and the batches carry the cached encoder rows
+(`Batch.audio_rows`) instead of mels, so a step starts at the projector. Only the batch source
+changes; checkpoints, resume, ranks and metrics are the same.
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from lalm.data.manifest import audio_paths, read_manifest
 from lalm.errors import ConfigError, LalmError
 from lalm.processor import Batch, collate
 from lalm.train import build, checkpoint, distributed, dpo_ref, losses
 from lalm.train.config import TrainConfig
 from lalm.train.data import TrainData, micro_batches, rank_slice
+from lalm.train.encoder_cache import FeatureCache
 from lalm.train.metrics import MetricsWriter, plot_losses
 
 
@@ -57,7 +64,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 def _forward_rows(model, batch: Batch):
     """Target-row logits (N, V), their targets (N,) and the sequence of each row (N,)."""
     h = model.hidden_states(batch.input_ids, batch.position_ids, batch.attention_mask,
-                            batch.mel, batch.mel_frames)  # (B, T, hidden)
+                            batch.mel, batch.mel_frames, audio_rows=batch.audio_rows)  # (B, T, hidden)
     sel = batch.labels != losses.IGNORE_INDEX  # (B, T)
     logits = model.language_model.lm_head(h[sel])  # (N, V)
     return logits, batch.labels[sel], sel.nonzero()[:, 0]
@@ -86,6 +93,10 @@ class Trainer:
         model = build.build_model(cfg, self.tokenizer)
         self.model_config = model.config
         model = build.apply_trainable(model, cfg)
+        features = self._feature_cache(model) if cfg.feature_cache else None
+        rows_augment = {"dropout": cfg.feature_dropout, "time_masks": cfg.feature_time_masks,
+                        "time_mask_len": cfg.feature_time_mask_len, "noise": cfg.feature_noise}
+        rows_augment = rows_augment if (cfg.feature_dropout or cfg.feature_time_masks or cfg.feature_noise) else None
         with warnings.catch_warnings():
             if not d.main:  # one warning per run, not one per rank
                 warnings.simplefilter("ignore")
@@ -95,9 +106,11 @@ class Trainer:
                                   or cfg.augment_noise_snr_db is not None) else None
             n_mels = model.config.audio.num_mel_bins
             self.data = TrainData(cfg.data, cfg.stage, self.tokenizer, n_mels, train_on=cfg.train_on,
-                                  max_length=cfg.max_length, augment=augment, seed=cfg.seed)
+                                  max_length=cfg.max_length, augment=augment, seed=cfg.seed,
+                                  features=features, feature_augment=rows_augment)
             self.eval_data = (TrainData(cfg.eval_data, cfg.stage, self.tokenizer, n_mels, train_on=cfg.train_on,
-                                        max_length=cfg.max_length, seed=cfg.seed) if cfg.eval_data else None)
+                                        max_length=cfg.max_length, seed=cfg.seed, features=features)
+                              if cfg.eval_data else None)
         if cfg.batch_size % d.world:
             raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {d.world} ranks")
         self.batches_per_epoch = self.data.batches_per_epoch(cfg.batch_size)
@@ -134,6 +147,21 @@ class Trainer:
         if cfg.stage == "dpo":
             self.ref = self._reference("train", self.data)
             self.eval_ref = self._reference("eval", self.eval_data) if self.eval_data else None
+
+    def _feature_cache(self, model) -> FeatureCache:
+        """The frozen encoder's rows for every clip of data + eval_data, encoding the missing ones
+        once (rank 0, on the CPU; the other ranks wait, then read the folder)."""
+        cfg, d = self.cfg, self.d
+        n_mels = model.config.audio.num_mel_bins
+        if d.main:
+            cache = FeatureCache(cfg.feature_cache, model.audio_tower, n_mels)
+            paths = [p for m in (cfg.data, cfg.eval_data) if m
+                     for rec in read_manifest(m, warn=False) for p in audio_paths(rec)]
+            cache.add(paths, progress=cfg.progress, desc=f"{cfg.stage}: encoding audio")
+        distributed.barrier(d)
+        if not d.main:
+            cache = FeatureCache(cfg.feature_cache, model.audio_tower, n_mels)
+        return cache
 
     def _load_weights(self, model, folder: Path) -> None:
         if self.cfg.lora_r:  # frozen base = the init; the trained tensors are in the trainer state
@@ -254,7 +282,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, data: TrainData, ref: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
-        """Held-out loss (pretrain/SFT) or preference accuracy and reward margin (DPO)."""
+        """Held-out loss (pretrain/SFT), or for DPO: reward accuracy and margin, and the share of pairs
+        whose chosen answer is the more likely one (`eval_prefers_chosen`, reference-free)."""
         d, cfg = self.d, self.cfg
         n = len(data)
         per_rank = -(-n // d.world)
@@ -262,7 +291,7 @@ class Trainer:
         mine += [-1] * (per_rank - len(mine))  # -1: padding so every rank runs as many forwards
         micro = max(1, cfg.micro_batch_size or cfg.batch_size // d.world)
         self.model.eval()
-        s = [0.0, 0.0, 0.0]  # loss sum (or margin sum), count, accuracy count
+        s = [0.0, 0.0, 0.0, 0.0]  # loss sum (or margin sum), count, accuracy count, prefers-chosen count
         for start in range(0, per_rank, micro):
             idx = mine[start: start + micro]
             real = [max(i, 0) for i in idx]
@@ -275,6 +304,7 @@ class Trainer:
                     s[0] += margin
                     s[1] += 1
                     s[2] += margin > 0
+                    s[3] += bool(logps[2 * j] > logps[2 * j + 1])
             else:
                 examples = [data.examples(i)[0] for i in real]
                 batch = collate(examples, self.tokenizer.pad_id).to(d.device)
@@ -285,9 +315,10 @@ class Trainer:
                 s[0] += float(ce[keep].sum())
                 s[1] += float(keep.sum())
         self.model.train()
-        total, count, acc = distributed.all_sum(d, s)
+        total, count, acc, prefers = distributed.all_sum(d, s)
         if cfg.stage == "dpo":
-            return {"eval_reward_margin": total / max(count, 1), "eval_accuracy": acc / max(count, 1)}
+            return {"eval_reward_margin": total / max(count, 1), "eval_accuracy": acc / max(count, 1),
+                    "eval_prefers_chosen": prefers / max(count, 1)}
         return {"eval_loss": total / max(count, 1)}
 
     # -- saving ----------------------------------------------------------------------------------
@@ -362,9 +393,11 @@ class Trainer:
                 elapsed = time.perf_counter() - t0
                 row["tokens_per_s"] = seen / max(elapsed, 1e-9)
                 done = step + 1
-                if self.eval_data is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+                evaluated = bool(self.eval_data is not None and cfg.eval_every
+                                 and (done % cfg.eval_every == 0 or done == cfg.max_steps))
+                if evaluated:
                     row.update(self.evaluate(self.eval_data, getattr(self, "eval_ref", None)))
-                if writer and (done % cfg.log_every == 0 or done == cfg.max_steps):
+                if writer and (done % cfg.log_every == 0 or done == cfg.max_steps or evaluated):
                     writer.log(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 bar.update(1)

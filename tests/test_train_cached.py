@@ -1,0 +1,211 @@
+"""Training on cached frozen-encoder outputs (`feature_cache`): the same loss as the mel path, the
+same resume guarantee as every run, and config errors naming the key.
+
+    .venv/bin/pytest -q tests/test_train_cached.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from train_corpus import asr_manifest, asr_record, write_audio, write_manifest
+
+from lalm.errors import ChatFormatError, ConfigError
+from lalm.processor import collate
+from lalm.train import build, checkpoint, losses
+from lalm.train.config import TrainConfig
+from lalm.train.data import TrainData, augment_rows
+from lalm.train.encoder_cache import FeatureCache
+from lalm.train.loop import _forward_rows, train
+from lalm.train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the subprocess runs with OMP_NUM_THREADS=1 too: same arithmetic
+    yield
+    torch.set_num_threads(n)
+
+
+def config(stage: str, data: Path, out: Path, *overrides: str) -> TrainConfig:
+    return TrainConfig.load(ROOT / f"configs/test/{stage}.yaml",
+                            [f"data={data}", f"out={out}", "progress=false", *overrides]).validate()
+
+
+def two_audio_record(folder: Path) -> dict:
+    """Two clips in one turn, one of them long enough for several hundred frames."""
+    long = folder / "long.wav"
+    if not long.exists():
+        import numpy as np
+        import soundfile as sf
+        from train_corpus import tone
+
+        sf.write(long, np.concatenate([tone(k, seconds=0.5) for k in range(6)]), 16000)
+    return {"id": "two", "messages": [
+        {"role": "user", "content": [{"type": "audio", "audio": write_audio(folder, 3)},
+                                     {"type": "audio", "audio": long.name},
+                                     {"type": "text", "text": "Transcribe both."}]},
+        {"role": "assistant", "content": "four and more"}]}
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_cached_rows_give_the_mel_paths_logits_and_loss(tmp_path, stage):
+    data = write_manifest(tmp_path / "m.jsonl", [asr_record(tmp_path, k) for k in range(3)]
+                          + [two_audio_record(tmp_path)])
+    cfg = config(stage, data, tmp_path / "out")
+    tok = build.build_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = build.build_model(cfg, tok).eval()
+    with torch.no_grad():  # O(1) weights, so every audio row visibly moves the logits
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    n_mels = model.config.audio.num_mel_bins
+    exact = FeatureCache(tmp_path / "fp32", model.audio_tower, n_mels, dtype=torch.float32)
+    half = FeatureCache(tmp_path / "fp16", model.audio_tower, n_mels)
+    mel_data = TrainData(str(data), stage, tok, n_mels)
+    paths = sorted({p["audio"] for r in mel_data.records for m in r["messages"] if isinstance(m["content"], list)
+                    for p in m["content"] if p["type"] == "audio"})
+    assert exact.add(paths, progress=False) == len(paths) == 5 and half.add(paths, progress=False) == 5
+    again = FeatureCache(tmp_path / "fp32", model.audio_tower, n_mels, dtype=torch.float32)  # from disk
+    assert len(again) == 5 and again.add(paths, progress=False) == 0 and again.get(paths[0]).dtype == torch.float32
+
+    def logits_and_loss(dataset):
+        batch = collate([dataset.examples(i)[0] for i in range(len(dataset))], tok.pad_id)
+        with torch.no_grad():
+            full = model(batch.input_ids, batch.position_ids, batch.attention_mask, batch.mel, batch.mel_frames,
+                         audio_rows=batch.audio_rows)  # (B, T, V)
+            rows, targets, _ = _forward_rows(model, batch)
+        return batch, full[batch.attention_mask], float(losses.rows_ce_sum(rows, targets)) / len(targets)
+
+    ref_batch, ref, ref_loss = logits_and_loss(mel_data)
+    got_batch, got, loss = logits_and_loss(TrainData(str(data), stage, tok, n_mels, features=again))
+    assert got_batch.mel is None and ref_batch.audio_rows is None
+    assert torch.equal(got_batch.input_ids, ref_batch.input_ids) and torch.equal(got_batch.labels, ref_batch.labels)
+    assert got_batch.audio_rows.shape == (int((ref_batch.input_ids == tok.audio_id).sum()), 32)
+    # fp32 rows: the encoder saw other batch-mates (other padding) when the cache was built; masked
+    # attention makes that exact up to float summation order.
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (got - ref).abs().max()
+    assert abs(loss - ref_loss) <= 1e-5 * ref_loss
+    # fp16 rows: each layer-normed value (|x| ~ 1) rounded at 2^-11 relative (~5e-4); through two
+    # layers of O(1) weights that stays well under 1% of the largest logit.
+    _, got16, loss16 = logits_and_loss(TrainData(str(data), stage, tok, n_mels, features=half))
+    assert 0 < (got16 - ref).abs().max() <= 1e-2 * ref.abs().max()
+    assert abs(loss16 - ref_loss) <= 1e-2 * ref_loss
+
+
+def test_model_rejects_a_row_count_mismatch_and_mixed_sources(tmp_path):
+    data = asr_manifest(tmp_path, n=2)
+    cfg = config("sft", data, tmp_path / "out")
+    tok = build.build_tokenizer(cfg)
+    model = build.build_model(cfg, tok)
+    cache = FeatureCache(tmp_path / "c", model.audio_tower, 80)
+    assert cache.add([str(tmp_path / f"tone-{k}-0.wav") for k in range(2)], progress=False) == 2
+    rows_data = TrainData(str(data), "sft", tok, 80, features=cache)
+    batch = collate([rows_data.examples(0)[0]], tok.pad_id)
+    with pytest.raises(ChatFormatError, match="cached encoder rows"):
+        model(batch.input_ids, audio_rows=batch.audio_rows[1:], attention_mask=batch.attention_mask)
+    with pytest.raises(ValueError, match="mix mel windows and cached audio_rows"):
+        collate([rows_data.examples(0)[0], TrainData(str(data), "sft", tok, 80).examples(1)[0]], tok.pad_id)
+
+
+def test_augment_rows_is_seeded_and_leaves_the_cache_alone():
+    x = torch.randn(50, 8)
+    before = x.clone()
+
+    def run(seed, **kw):
+        return augment_rows(x, torch.Generator().manual_seed(seed), **kw)
+
+    a, b = run(1, dropout=0.25, time_masks=2, time_mask_len=4), run(1, dropout=0.25, time_masks=2, time_mask_len=4)
+    assert torch.equal(a, b) and not torch.equal(a, run(2, dropout=0.25, time_masks=2, time_mask_len=4))
+    assert torch.equal(x, before)
+    kept = a != 0
+    assert 0.6 < kept.float().mean() < 0.9  # ~75% kept, minus the masked rows
+    assert torch.allclose(a[kept], x[kept] / 0.75)  # survivors scaled by 1 / (1 - p)
+    masked = run(3, time_masks=3, time_mask_len=4)
+    assert 1 <= int((masked.abs().sum(-1) == 0).sum()) <= 12
+
+
+def cached_args(data: Path, out: Path, cache: Path) -> list[str]:
+    return ["--stage", "sft", "--config", str(ROOT / "configs/test/sft.yaml"), "--data", str(data),
+            "--out", str(out), "--max-steps", "9", "--save-every", "3", "--progress=false",
+            f"--feature_cache={cache}", "--feature_dropout=0.3", "--feature_time_masks=1", "--freeze=[encoder]"]
+
+
+def test_killed_cached_run_resumes_to_the_uninterrupted_curve(tmp_path):
+    data = asr_manifest(tmp_path, n=8)
+    cache = tmp_path / "cache"
+
+    def cfg(out: Path, *extra: str) -> TrainConfig:
+        return config("sft", data, out, "max_steps=9", "save_every=3", f"feature_cache={cache}",
+                      "feature_dropout=0.3", "feature_time_masks=1", "freeze=[encoder]", *extra)
+
+    train(cfg(tmp_path / "a"))
+    meta = json.loads((cache / "index.json").read_text())
+    assert len(meta["items"]) == 8  # every clip encoded once, by the first run
+    ref = read_metrics(tmp_path / "a")
+    # SIGKILL half-way through writing the step-6 checkpoint (a fresh process, reusing the cache)
+    env = {**ENV, checkpoint.KILL_ENV: "6"}
+    proc = subprocess.run([sys.executable, "-m", "lalm", "train", *cached_args(data, tmp_path / "b", cache)],
+                          env=env, capture_output=True, timeout=300, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path / "b" / "checkpoints")] == [3]
+    train(cfg(tmp_path / "b"), resume=True)
+    rows = read_metrics(tmp_path / "b")
+    assert [r["step"] for r in rows] == [r["step"] for r in ref] == list(range(1, 10))
+    for x, y in zip(rows, ref):
+        assert abs(x["loss"] - y["loss"]) <= 1e-6, (x, y)
+    # the augmentation is live: without it the very first step already differs
+    train(cfg(tmp_path / "clean", "feature_dropout=0", "feature_time_masks=0"))
+    assert read_metrics(tmp_path / "clean")[0]["loss"] != ref[0]["loss"]
+
+
+def test_unreadable_clip_is_skipped_and_counted(tmp_path):
+    records = [asr_record(tmp_path, k) for k in range(8)]
+    (tmp_path / "junk.wav").write_bytes(b"RIFF not really audio")
+    bad = asr_record(tmp_path, 9)
+    bad["messages"][0]["content"][0]["audio"] = "junk.wav"
+    data = write_manifest(tmp_path / "m.jsonl", records + [bad])
+    with pytest.warns(UserWarning, match="skipped 1 record"):
+        result = train(config("sft", data, tmp_path / "out", "max_steps=1", f"feature_cache={tmp_path / 'c'}",
+                              "freeze=[encoder]"))
+    assert result.skipped == 1
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["freeze=[]"], "feature_cache"),
+    (["freeze=[encoder]", "lora_r=4", "lora_target_modules=[q_proj]"], "feature_cache"),
+    (["freeze=[encoder]", "augment_gain_db=3"], "augment_gain_db"),
+    (["freeze=[encoder]", "augment_speed=0.1"], "augment_speed"),
+    (["freeze=[encoder]", "augment_noise_snr_db=0"], "augment_noise_snr_db"),
+    (["freeze=[encoder]", "feature_dropout=1.0"], "feature_dropout"),
+    (["freeze=[encoder]", "feature_time_masks=-1"], "feature_time_masks"),
+])
+def test_feature_cache_config_errors_name_the_key(tmp_path, overrides, key):
+    cfg = TrainConfig.load(ROOT / "configs/test/sft.yaml", [f"feature_cache={tmp_path}", *overrides])
+    with pytest.raises(ConfigError, match=f"^{key}:"):
+        cfg.validate()
+
+
+@pytest.mark.parametrize("key", ["feature_dropout=0.1", "feature_time_masks=2", "feature_noise=0.1"])
+def test_feature_augmentation_needs_a_feature_cache(key):
+    cfg = TrainConfig.load(ROOT / "configs/test/sft.yaml", [key, "freeze=[encoder]"])
+    with pytest.raises(ConfigError, match=f"^{key.split('=')[0]}: .*set feature_cache"):
+        cfg.validate()
+
+
+def test_tiny_demo_configs_train_on_the_cache():
+    for stage in ("pretrain", "sft", "dpo"):
+        cfg = TrainConfig.load(ROOT / f"configs/tiny/{stage}.yaml").validate()
+        assert cfg.feature_cache and "encoder" in cfg.freeze
+        assert cfg.feature_dropout == (0.0 if stage == "dpo" else 0.2)
