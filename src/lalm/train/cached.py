@@ -51,6 +51,7 @@ class FeatureAugment:
     time_masks: int = 0  # spans zeroed per clip
     time_mask_len: int = 4  # max rows per span (25 rows = 1 s)
     noise: float = 0.0  # Gaussian noise std added to the (layer-normed) features
+    dropout: float = 0.0  # elementwise dropout on the rows (what helped most against memorising the transcripts)
 
 
 @dataclass
@@ -169,7 +170,7 @@ def features(seqs: list[Seq], cache: FeatureCache, augment: FeatureAugment | Non
     for s in seqs:
         for p in s.audios:
             x = cache.get(p).float()
-            if augment is not None and rng is not None and (augment.time_masks or augment.noise):
+            if augment is not None and rng is not None and (augment.time_masks or augment.noise or augment.dropout):
                 x = x.clone()
                 for _ in range(augment.time_masks):
                     w = rng.randint(0, augment.time_mask_len)
@@ -179,6 +180,10 @@ def features(seqs: list[Seq], cache: FeatureCache, augment: FeatureAugment | Non
                 if augment.noise:
                     g = torch.Generator().manual_seed(rng.randrange(2**31))
                     x = x + augment.noise * torch.randn(x.shape, generator=g)
+                if augment.dropout:
+                    g = torch.Generator().manual_seed(rng.randrange(2**31))
+                    keep = torch.rand(x.shape, generator=g) >= augment.dropout
+                    x = x * keep / (1 - augment.dropout)
             rows.append(x)
     return torch.cat(rows) if rows else None
 

@@ -3,7 +3,8 @@
 configs/tiny/demo.yaml holds the knobs that are not `TrainConfig` keys: the corpus size, the
 BPE vocabulary, how many clips of each kind to encode (the frozen encoder is the dearest part
 of a CPU run, so the corpus is subsampled by clip, not by line), how many text-only questions
-to add, feature augmentation, evaluation batch size, and per-stage `TrainConfig` overrides.
+to add, evaluation batch size, and per-stage `TrainConfig` overrides (feature augmentation is
+a `TrainConfig` key: feature_dropout and co. in the stage configs).
 configs/tiny/quick.yaml is merged on top for `lalm demo --quick` (the test-sized run).
 
 `select_manifests` writes the training manifests the stages read (ordinary lalm manifests with
@@ -41,9 +42,6 @@ class Recipe:
     dev_records: int = 96  # per stage: held-out lines scored during training
     text_qa: int = 0  # text-only question/answer lines added to SFT
     text_qa_seed: int = 1234
-    time_masks: int = 2
-    time_mask_len: int = 4
-    feature_noise: float = 0.0
     eval_batch_size: int = 16
     eval_limit: int = 0  # at most N items per eval set (0 = all)
     eval_max_new_tokens: int = 64
