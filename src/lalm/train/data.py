@@ -25,6 +25,7 @@ noise), seeded the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -101,6 +102,7 @@ class TrainData:
         self.augment = augment or {}
         self.features = features
         self.feature_augment = feature_augment or {}
+        self._rendered: dict[int, tuple[list, list[Example]]] = {}  # cached path: (audio sources, examples)
         self.skipped = Skipped()
         manifest = read_manifest(path, warn=False)
         for line, message in manifest.problems:
@@ -195,9 +197,24 @@ class TrainData:
                 for key in ("chosen", "rejected")]
 
     def _cached_examples(self, rec: dict, index: int, epoch: int) -> list[Example]:
-        """As `examples`, the audio replaced by its (augmented) cached encoder rows."""
+        """As `examples`, the audio replaced by its (augmented) cached encoder rows.
+
+        The rendering (ids, loss mask) is a function of the record alone, so it is done once and
+        kept; a step then only fetches (and augments) rows, as cheap as a pre-rendered dataset.
+        """
+        if index in self._rendered:
+            sources, rendered = self._rendered[index]
+            rows = [self._rows(src, index, epoch, k) for k, src in enumerate(sources)]
+            cat = torch.cat(rows) if rows else None
+            return [dataclasses.replace(e, audio_rows=cat) for e in rendered]
         msgs = rec["messages"]
-        rows = [self._rows(src, index, epoch, k) for k, src in enumerate(chat.audios(chat.validate(msgs)))]
+        sources = chat.audios(chat.validate(msgs))
+        rows = [self._rows(src, index, epoch, k) for k, src in enumerate(sources)]
+        out = self._render_cached(msgs, rec, rows)
+        self._rendered[index] = (sources, [dataclasses.replace(e, audio_rows=None) for e in out])
+        return out
+
+    def _render_cached(self, msgs: list, rec: dict, rows: list[torch.Tensor]) -> list[Example]:
         if self.stage == "pretrain":
             prompt, audios, target = raw_prompt(msgs)
             return [prepare_raw(prompt, audios, self.tokenizer, self.n_mels, target=target,
