@@ -246,6 +246,34 @@ def read_manifest(path: str | Path, *, resolve_audio: bool = True, check_audio: 
     return out
 
 
+def load_records(path: str | Path) -> list[dict]:
+    """A manifest's records with absolute (resolved) audio paths, silently without those whose
+    audio is missing: what the demo's data selection and reports read.
+
+    Relative paths are taken relative to the manifest's folder, or, when only that exists, to
+    the folder above it (the rule eval/adapters.py applies to DIR/eval/*.jsonl too).
+    """
+    path = Path(path)
+    out = []
+    for rec in read_manifest(path, resolve_audio=False, warn=False):
+        ok = True
+        for m in rec["messages"]:
+            if not isinstance(m["content"], list):
+                continue
+            for part in m["content"]:
+                if part.get("type") != "audio" or not isinstance(part.get("audio"), str):
+                    continue
+                a = Path(part["audio"])
+                if not a.is_absolute():
+                    here, above = path.parent / a, path.parent.parent / a
+                    a = above if not here.exists() and above.exists() else here
+                part["audio"] = str(a.resolve())
+                ok = ok and a.is_file()
+        if ok:
+            out.append(rec)
+    return out
+
+
 def read_librispeech(folder: str | Path, prompt: str = "Transcribe this audio.") -> Manifest:
     """A LibriSpeech-layout folder -> ASR records (transcripts lower-cased, as in our corpus).
 

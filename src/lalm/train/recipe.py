@@ -25,8 +25,8 @@ from pathlib import Path
 import yaml
 
 from lalm.data import facts
+from lalm.data.manifest import load_records
 from lalm.errors import ConfigError
-from lalm.train.cached import load_records
 
 STAGES = ("pretrain", "sft", "dpo")
 _KIND = re.compile(r"/audio/([^/]+)/[^/]+$")
