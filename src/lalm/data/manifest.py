@@ -246,6 +246,17 @@ def read_manifest(path: str | Path, *, resolve_audio: bool = True, check_audio: 
     return out
 
 
+def resolve_audio_path(value: str, base: Path) -> Path:
+    """An audio path as written in a manifest in folder `base`, made absolute and resolved: relative
+    to `base`, or to the folder above when only that exists (a corpus's DIR/eval/*.jsonl may hold
+    DIR-relative paths)."""
+    a = Path(value)
+    if not a.is_absolute():
+        here, above = base / a, base.parent / a
+        a = above if not here.exists() and above.exists() else here
+    return a.resolve()
+
+
 def load_records(path: str | Path) -> list[dict]:
     """A manifest's records with absolute (resolved) audio paths, silently without those whose
     audio is missing: what the demo's data selection and reports read.
@@ -263,11 +274,8 @@ def load_records(path: str | Path) -> list[dict]:
             for part in m["content"]:
                 if part.get("type") != "audio" or not isinstance(part.get("audio"), str):
                     continue
-                a = Path(part["audio"])
-                if not a.is_absolute():
-                    here, above = path.parent / a, path.parent.parent / a
-                    a = above if not here.exists() and above.exists() else here
-                part["audio"] = str(a.resolve())
+                a = resolve_audio_path(part["audio"], path.parent)
+                part["audio"] = str(a)
                 ok = ok and a.is_file()
         if ok:
             out.append(rec)
