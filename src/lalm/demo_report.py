@@ -59,9 +59,9 @@ def preference_eval(lm, records: list[dict], batch_size: int, max_new_tokens: in
 def run_eval(p, out: Path) -> None:
     """Score the final model on every held-out eval set, and SFT vs DPO on what DPO targets."""
     import lalm
+    from lalm.data.manifest import load_records
     from lalm.eval import adapters, report
     from lalm.eval.runner import RunConfig, generate_predictions, score_records
-    from lalm.train.cached import load_records
     from lalm.train.metrics import read_metrics
 
     r = p.recipe
@@ -96,15 +96,17 @@ def run_eval(p, out: Path) -> None:
 
 
 def _ref_prefers_chosen(p) -> float:
-    """Share of preference dev pairs the SFT model (DPO's reference) already ranks right."""
+    """Share of preference dev pairs the SFT model (DPO's reference) already ranks right: from the
+    reference log-probs the DPO run computed once for its eval set (OUT/dpo_ref/eval.safetensors)."""
+    from safetensors.torch import load_file
 
-    from lalm.train.cached import CachedTrainer
+    from lalm.train import dpo_ref
 
-    cfg = p.stage_config("dpo")
-    trainer = CachedTrainer(cfg, p.demo / "cache", progress=False)
-    dev = trainer.records(cfg.eval_data)
-    logps = trainer.pair_logps(dev)
-    return float((logps[:, 0] > logps[:, 1]).float().mean()) if len(dev) else float("nan")
+    path = dpo_ref.cache_path(p.demo / "runs" / "dpo", "eval")
+    if not path.is_file():
+        return float("nan")
+    ref = load_file(str(path))
+    return float((ref["chosen"] > ref["rejected"]).double().mean()) if ref["chosen"].numel() else float("nan")
 
 
 def results_table(results: dict) -> tuple[str, dict]:
@@ -190,7 +192,7 @@ def plot(p, scores: dict) -> list[Path]:
 
 def examples(p) -> list[tuple]:
     """(kind, audio, question, reference, spoken question) of a few held-out turns to show."""
-    from lalm.train.cached import load_records
+    from lalm.data.manifest import load_records
 
     ev = p.corpus / "eval"
     picks = []

@@ -28,6 +28,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lalm.data.manifest import resolve_audio_path
 from lalm.errors import AudioError, ConfigError
 from lalm.eval import prompts
 
@@ -320,8 +321,7 @@ def _resolve_audio(messages: list, base: Path) -> list[str]:
                 key = "audio" if "audio" in part else "audio_url"
                 value = part.get(key)
                 if isinstance(value, str) and not Path(value).is_absolute() and "://" not in value:
-                    here, above = base / value, base.parent / value
-                    part[key] = str((above if not here.exists() and above.exists() else here).resolve())
+                    part[key] = str(resolve_audio_path(value, base))
                 if isinstance(part.get(key), str):
                     found.append(part[key])
     return found
