@@ -209,3 +209,16 @@ def test_tiny_demo_configs_train_on_the_cache():
         cfg = TrainConfig.load(ROOT / f"configs/tiny/{stage}.yaml").validate()
         assert cfg.feature_cache and "encoder" in cfg.freeze
         assert cfg.feature_dropout == (0.0 if stage == "dpo" else 0.2)
+
+
+def test_empty_eval_set_means_no_eval_rows(tmp_path):
+    """(The quick demo's DPO dev split is empty: no eval rows, not scores of nothing.)"""
+    from train_corpus import dpo_record
+
+    pairs = write_manifest(tmp_path / "pairs.jsonl", [dpo_record(tmp_path, k) for k in range(4)])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.warns(UserWarning, match="no usable records; the run is not evaluated"):
+        train(config("dpo", pairs, tmp_path / "out", "max_steps=2", "batch_size=2", f"eval_data={tmp_path / 'empty.jsonl'}",
+                     "eval_every=1", f"feature_cache={tmp_path / 'c'}", "freeze=[encoder]"))
+    rows = read_metrics(tmp_path / "out")
+    assert [r["step"] for r in rows] == [1, 2] and not any(k.startswith("eval_") for r in rows for k in r)

@@ -111,6 +111,9 @@ class Trainer:
             self.eval_data = (TrainData(cfg.eval_data, cfg.stage, self.tokenizer, n_mels, train_on=cfg.train_on,
                                         max_length=cfg.max_length, seed=cfg.seed, features=features)
                               if cfg.eval_data else None)
+            if self.eval_data is not None and len(self.eval_data) == 0:
+                warnings.warn(f"{cfg.eval_data}: no usable records; the run is not evaluated", stacklevel=2)
+                self.eval_data = None  # no eval rows rather than scores of nothing
         if cfg.batch_size % d.world:
             raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {d.world} ranks")
         self.batches_per_epoch = self.data.batches_per_epoch(cfg.batch_size)
