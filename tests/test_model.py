@@ -302,3 +302,11 @@ def test_decode_layout_changes_storage_only(hf_model, lalm_model):
     pointers = {n: p.data_ptr() for n, p in params.items()}
     model.use_decode_layout()
     assert {n: p.data_ptr() for n, p in model.named_parameters()} == pointers
+
+
+def test_decode_layout_leaves_bf16_as_stored(lalm_model):
+    """bf16 GEMMs are much slower with transposed storage on CPU: the layout is fp32 only."""
+    model = copy.deepcopy(lalm_model("gqa")).to(torch.bfloat16)
+    model.load_state_dict({n: t.contiguous() for n, t in model.state_dict().items()}, assign=True)
+    model.use_decode_layout()
+    assert all(p.is_contiguous() for p in model.parameters())
