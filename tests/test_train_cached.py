@@ -222,3 +222,26 @@ def test_empty_eval_set_means_no_eval_rows(tmp_path):
                      "eval_every=1", f"feature_cache={tmp_path / 'c'}", "freeze=[encoder]"))
     rows = read_metrics(tmp_path / "out")
     assert [r["step"] for r in rows] == [1, 2] and not any(k.startswith("eval_") for r in rows for k in r)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_share_one_cache_and_equal_one_process(tmp_path):
+    """Rank 0 encodes, rank 1 waits at the barrier and reads the folder; FSDP2 over 2 ranks == 1 process."""
+    import shutil
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    data = asr_manifest(tmp_path, n=8)
+    args = ["--stage", "sft", "--config", str(ROOT / "configs/test/sft.yaml"), "--data", str(data), "--max-steps", "6",
+            "--batch-size", "8", "--progress=false", "--feature_dropout=0.3", "--freeze=[encoder]"]
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "lalm", "train", *args, "--fsdp",
+                           "--out", str(tmp_path / "two"), f"--feature_cache={tmp_path / 'c2'}"],
+                          env=ENV, capture_output=True, timeout=420, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    train(config("sft", data, tmp_path / "one", "max_steps=6", "batch_size=8", "feature_dropout=0.3",
+                 "freeze=[encoder]", f"feature_cache={tmp_path / 'c1'}"))
+    two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, 7))
+    for a, b in zip(two, one):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * b["loss"], (a, b)
