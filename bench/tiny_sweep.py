@@ -1,0 +1,262 @@
+"""The lalm-tiny recipe sweep (docs/lalm-tiny.md): many small pre-training runs side by side.
+
+    # 1. pack cached encoder rows + token ids from a finished `lalm demo` home (CPU, ~1 min)
+    .venv/bin/python bench/tiny_sweep.py export --home ~/.cache/lalm --out sweep --limit 2250
+    # 2. run configurations in parallel, one process each (GPU if there is one, else CPU)
+    python bench/tiny_sweep.py run --data sweep --configs sweep.json      # [{"tag": ..., "lr": ...}, ...]
+
+Each run trains the projector + a fresh Qwen2 decoder on ASR pre-training lines (raw prompt
+format) from the cached Whisper tiny.en rows, and prints greedy WER (lower-cased, punctuation
+stripped) on the held-out Piper voice, the real recordings and 60 training clips at the `evals`
+steps, one JSON line per evaluation. The rows travel as int8 with a per-row scale, so 2,250
+clips fit in ~50 MB (what a GPU machine could be sent). Keys of a configuration (defaults in
+DEFAULTS): layers, hidden, ffn, heads, kv, lr, bs, steps, warmup, wd, evals, ctc (weight of a
+CTC loss on the projector output; tied = through the embedding matrix), fdrop (dropout on the
+rows), tmask/tmask_len (zeroed spans), fnoise, short_first/short_len (a curriculum).
+Not a test and not part of lalm: an experiment harness whose findings live in configs/tiny.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DEFAULTS = dict(layers=2, hidden=256, ffn=768, heads=4, kv=2, lr=1e-3, bs=16, steps=3000, warmup=40,
+                wd=0.01, evals=[1000, 2000, 3000], ctc=0.0, tied=1, fdrop=0.0, tmask=0, tmask_len=8,
+                fnoise=0.0, short_first=0, short_len=5, max_new=40, seed=0)
+
+
+def export(home: Path, out: Path, limit: int) -> None:
+    from safetensors.torch import save_file
+
+    from lalm import chat
+    from lalm.config import ModelConfig
+    from lalm.data.manifest import load_records
+    from lalm.demo import whisper_tiny_en
+    from lalm.model import Qwen2AudioForConditionalGeneration
+    from lalm.tokenizer import Tokenizer
+    from lalm.train.data import raw_prompt
+    from lalm.train.encoder_cache import FeatureCache
+    from lalm.train.importers import load_encoder
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer.load(home / "demo" / "tokenizer")
+    tok.save(out / "tokenizer")
+    model = Qwen2AudioForConditionalGeneration(ModelConfig.preset("tiny"))
+    load_encoder(model, whisper_tiny_en())
+    cache = FeatureCache(home / "demo" / "cache", model.audio_tower, 80)
+
+    def pack(recs, name: str, with_target: bool) -> None:
+        cache.add([str(a) for r in recs for a in chat.audios(chat.validate(r["messages"]))], progress=False)
+        feats, meta = [], []
+        for rec in recs:
+            msgs = rec["messages"] if with_target else rec["messages"] + [{"role": "assistant", "content": "-"}]
+            audios = [str(a) for a in chat.audios(chat.validate(msgs))]
+            prompt, _, target = raw_prompt(msgs)
+            r = chat.render_raw(prompt, tok, [cache.tokens(a) for a in audios], target=target if with_target else None)
+            x = torch.cat([cache.get(a).float() for a in audios])
+            feats.append(x)
+            meta.append({"n": x.shape[0], "ntgt": int(sum(r.loss_mask)), "ids": r.ids,
+                         "ref": rec.get("reference") or target})
+        x = torch.cat(feats)
+        scale = x.abs().amax(1, keepdim=True).clamp(min=1e-6) / 127
+        save_file({"q": torch.round(x / scale).to(torch.int8), "scale": scale.half()}, str(out / f"{name}.safetensors"))
+        (out / f"{name}.json").write_text(json.dumps(meta))
+        print(f"{name}: {len(meta)} items, {x.shape[0]} rows")
+
+    train = [r for r in load_records(home / "demo" / "data" / "pretrain" / "train.jsonl") if r.get("task") == "asr"]
+    pack(train[:limit], "train", True)
+    pack(load_records(home / "corpus" / "eval" / "asr_piper.jsonl"), "piper", False)
+    pack(load_records(home / "corpus" / "eval" / "asr_real.jsonl"), "real", False)
+
+
+def _load(data: Path, name: str, dev: str):
+    from safetensors.torch import load_file
+
+    t = load_file(str(data / f"{name}.safetensors"))
+    meta = json.loads((data / f"{name}.json").read_text())
+    off = 0
+    for m in meta:
+        m["off"], off = off, off + m["n"]
+    return (t["q"].float() * t["scale"].float()).to(dev), meta
+
+
+def wer(refs: list[str], hyps: list[str]) -> float:
+    def words(s: str) -> list[str]:
+        return re.sub(r"[^a-z0-9' ]", " ", s.lower()).split()
+
+    errors = total = 0
+    for ref, hyp in zip(refs, hyps):
+        r, h = words(ref), words(hyp)
+        d = list(range(len(h) + 1))
+        for i in range(1, len(r) + 1):
+            prev, d[0] = d[0], i
+            for j in range(1, len(h) + 1):
+                prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r[i - 1] != h[j - 1]))
+        errors, total = errors + d[len(h)], total + len(r)
+    return 100.0 * errors / max(total, 1)
+
+
+def run_one(cfg: dict, data: Path) -> None:
+    from lalm.config import ModelConfig
+    from lalm.model import Qwen2AudioForConditionalGeneration
+    from lalm.tokenizer import Tokenizer
+
+    cfg = {**DEFAULTS, **cfg}
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(cfg["seed"])
+    tok = Tokenizer.load(data / "tokenizer")
+    text = dict(num_hidden_layers=cfg["layers"], hidden_size=cfg["hidden"], intermediate_size=cfg["ffn"],
+                num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv"], head_dim=None,
+                vocab_size=tok.vocab_size, bos_token_id=tok.endoftext_id, eos_token_id=tok.im_end_id)
+    model = Qwen2AudioForConditionalGeneration(ModelConfig.preset("tiny", text=text, audio_token_index=tok.audio_id))
+    with torch.no_grad():  # transformers' init: N(0, 0.02), zero biases
+        for mod in model.modules():
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+                mod.weight.normal_(0, 0.02)
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias.zero_()
+    model.audio_tower.requires_grad_(False)  # never run: the rows are cached
+    model.to(dev).train()
+    emb = model.language_model.model.embed_tokens
+    X, train = _load(data, "train", dev)
+    held = {k: _load(data, k, dev) for k in ("piper", "real")}
+    head = torch.nn.Linear(cfg["hidden"], tok.vocab_size).to(dev) if cfg["ctc"] and not cfg["tied"] else None
+
+    def batch(items, feats, targets=True):
+        B, T = len(items), max(len(m["ids"]) for m in items)
+        ids = torch.full((B, T), tok.pad_id, dtype=torch.long)
+        att = torch.zeros((B, T), dtype=torch.bool)
+        lab = torch.full((B, T), -100, dtype=torch.long)
+        for b, m in enumerate(items):  # left padded; labels[t] = token t+1 on targets
+            n = len(m["ids"])
+            ids[b, T - n:], att[b, T - n:] = torch.tensor(m["ids"]), True
+            if targets and m["ntgt"]:
+                lab[b, T - m["ntgt"] - 1: T - 1] = torch.tensor(m["ids"][n - m["ntgt"]:])
+        rows = torch.cat([feats[m["off"]: m["off"] + m["n"]] for m in items])
+        return ids.to(dev), att.to(dev), lab.to(dev), rows
+
+    def hidden(ids, att, rows):
+        pos = (att.long().cumsum(1) - 1).clamp(min=0)
+        return model.hidden_states(ids, pos, att, audio_rows=rows)
+
+    def ctc(items, rows):
+        x = model.multi_modal_projector(rows)
+        lp = (x @ emb.weight.T if head is None else head(x)).float().log_softmax(-1)
+        seqs, lens, tgt, tlens, o = [], [], [], [], 0
+        for m in items:
+            seqs.append(lp[o: o + m["n"]])
+            o += m["n"]
+            lens.append(m["n"])
+            t = m["ids"][len(m["ids"]) - m["ntgt"]: -1]  # the transcript without <|endoftext|>
+            tgt += t
+            tlens.append(len(t))
+        L = torch.stack([F.pad(s, (0, 0, 0, max(lens) - s.shape[0])) for s in seqs], 1)
+        return F.ctc_loss(L, torch.tensor(tgt, device=dev), torch.tensor(lens), torch.tensor(tlens),
+                          blank=tok.endoftext_id, zero_infinity=True)
+
+    @torch.no_grad()
+    def greedy(items, feats) -> list[str]:
+        model.eval()
+        out = []
+        for i in range(0, len(items), 32):
+            chunk = [dict(m, ids=m["ids"][: len(m["ids"]) - m["ntgt"]], ntgt=0) for m in items[i: i + 32]]
+            res, done = [[] for _ in chunk], [False] * len(chunk)
+            for _ in range(cfg["max_new"]):  # no KV cache: short prompts, a harness
+                ids, att, _, rows = batch(chunk, feats, False)
+                nxt = model.language_model.lm_head(hidden(ids, att, rows)[:, -1]).argmax(-1).tolist()
+                for b, t in enumerate(nxt):
+                    if not done[b] and t in (tok.endoftext_id, tok.im_end_id):
+                        done[b] = True
+                    elif not done[b]:
+                        res[b].append(t)
+                    chunk[b]["ids"] = chunk[b]["ids"] + [t]
+                if all(done):
+                    break
+            out += [tok.decode(r) for r in res]
+        model.train()
+        return out
+
+    params = [p for p in model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["wd"])
+    S, W, rng, order, t0 = cfg["steps"], cfg["warmup"], random.Random(cfg["seed"]), [], time.time()
+    short = [m for m in train if m["ntgt"] <= cfg["short_len"]]
+    for step in range(S):
+        if step < cfg["short_first"]:
+            items = rng.sample(short, cfg["bs"])
+        else:
+            if len(order) < cfg["bs"]:
+                order = list(range(len(train)))
+                rng.shuffle(order)
+            items = [train[order.pop()] for _ in range(cfg["bs"])]
+        ids, att, lab, rows = batch(items, X)
+        if cfg["tmask"]:
+            rows, o = rows.clone(), 0
+            for m in items:
+                for _ in range(cfg["tmask"]):
+                    w = rng.randint(0, cfg["tmask_len"])
+                    if w and m["n"] > 2 * w:
+                        s = rng.randrange(0, m["n"] - w)
+                        rows[o + s: o + s + w] = 0
+                o += m["n"]
+        if cfg["fnoise"]:
+            rows = rows + cfg["fnoise"] * torch.randn_like(rows)
+        if cfg["fdrop"]:
+            rows = F.dropout(rows, cfg["fdrop"])
+        sel = lab != -100
+        loss = F.cross_entropy(model.language_model.lm_head(hidden(ids, att, rows)[sel]).float(), lab[sel])
+        total = loss + cfg["ctc"] * ctc(items, rows) if cfg["ctc"] else loss
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        lr = cfg["lr"] * ((step + 1) / W if step < W else
+                          0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - W) / max(1, S - W))))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step + 1 in cfg["evals"]:
+            row = {"step": step + 1, "loss": round(float(loss.detach()), 3), "sec": round(time.time() - t0)}
+            for name, (feats, items_) in held.items():
+                hyps = greedy(items_, feats)
+                row[name], row[name + "_examples"] = round(wer([m["ref"] for m in items_], hyps), 1), hyps[:2]
+            row["train"] = round(wer([m["ref"] for m in train[:60]], greedy(train[:60], X)), 1)
+            print(cfg.get("tag", "run"), json.dumps(row), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export")
+    e.add_argument("--home", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--limit", type=int, default=2250)
+    r = sub.add_parser("run")
+    r.add_argument("--data", required=True)
+    r.add_argument("--configs", help="JSON list of configurations (all run at once, one process each)")
+    r.add_argument("--one", help="one configuration as JSON (what each process runs)")
+    a = p.parse_args()
+    if a.cmd == "export":
+        torch.set_num_threads(1)
+        export(Path(a.home).expanduser(), Path(a.out), a.limit)
+    elif a.one:
+        run_one(json.loads(a.one), Path(a.data))
+    else:
+        procs = [subprocess.Popen([sys.executable, __file__, "run", "--data", a.data, "--one", json.dumps(c)],
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+                 for c in json.loads(Path(a.configs).read_text())]
+        sys.exit(max(p.wait() for p in procs))
+
+
+if __name__ == "__main__":
+    main()
