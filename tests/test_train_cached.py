@@ -245,3 +245,29 @@ def test_torchrun_two_ranks_share_one_cache_and_equal_one_process(tmp_path):
     assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, 7))
     for a, b in zip(two, one):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * b["loss"], (a, b)
+
+
+def test_cache_is_keyed_by_content_not_path(tmp_path):
+    """A moved clip reuses its rows; a clip rewritten in place with other audio is re-encoded."""
+    import shutil
+
+    import soundfile as sf
+
+    model = build.build_model(TrainConfig(stage="sft", init="preset:test-tiny", tokenizer="bytes"),
+                              build.build_tokenizer(TrainConfig(stage="sft", init="preset:test-tiny",
+                                                                tokenizer="bytes")))
+    a = tmp_path / "a"
+    names = [write_audio(a, k) for k in range(2)]
+    cache = FeatureCache(tmp_path / "c", model.audio_tower, model.config.audio.num_mel_bins)
+    assert cache.add([a / n for n in names], progress=False) == 2
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    again = FeatureCache(tmp_path / "c", model.audio_tower, model.config.audio.num_mel_bins)
+    assert again.add([b / n for n in names], progress=False) == 0  # same bytes elsewhere: reused
+    assert torch.equal(again.get(b / names[0]), cache.get(a / names[0]))
+    x, sr = sf.read(b / names[1])
+    sf.write(b / names[1], x[: len(x) // 2], sr)  # same path, other audio
+    fresh = FeatureCache(tmp_path / "c", model.audio_tower, model.config.audio.num_mel_bins)
+    assert b / names[1] not in fresh
+    assert fresh.add([b / n for n in names], progress=False) == 1
+    assert fresh.tokens(b / names[1]) < fresh.tokens(a / names[1])

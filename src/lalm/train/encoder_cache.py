@@ -7,14 +7,16 @@ stores the kept rows (the `num_audio_tokens` vectors per window, after AvgPool a
 
     DIR/features.safetensors   one (sum N, d_model) fp16 tensor per shard, "shard_<k>"
     DIR/index.json             {"fingerprint": ..., "n_mels": 80, "d_model": 384, ["dtype": "float32",]
-                                "items": {path: [shard, offset, n_tokens]}}
+                                "keys": "sha1", "items": {sha1 of the file: [shard, offset, n_tokens]}}
 
 fp16 halves the disk and memory at a relative rounding of 2^-11 per value; `dtype=torch.float32`
 keeps the encoder's output exactly (tests compare it with the mel path). A clip the encoder
 cannot read (unreadable, too short for one token) is left out, so the trainer skips its records.
 
 The fingerprint hashes the encoder's weights, so a cache built with other weights is never
-reused. Clips are encoded in batches of similar length (less padding). Long audio (> 30 s)
+reused. Clips are keyed by the SHA-1 of their bytes, not by path: a corpus rebuilt in place with
+other audio is re-encoded rather than served stale rows, and a corpus moved or copied to
+another folder reuses its rows (hashing ~1 GB of clips takes a few seconds; encoding, minutes). Clips are encoded in batches of similar length (less padding). Long audio (> 30 s)
 is split into windows exactly as `processor.audio_windows` does, and its windows' rows are
 concatenated in order, which is what `model.encode_audio` gives before the projector.
 """
@@ -68,8 +70,9 @@ class FeatureCache:
         self.dtype = dtype
         self.d_model = int(tower.layer_norm.weight.shape[0])
         self.fingerprint = encoder_fingerprint(tower)
-        self.items: dict[str, tuple[int, int, int]] = {}
+        self.items: dict[str, tuple[int, int, int]] = {}  # content key -> (shard, offset, n_tokens)
         self.shards: list[torch.Tensor] = []
+        self._keys: dict[str, str | None] = {}  # path -> content key (None: unreadable)
         self._load()
 
     def _load(self) -> None:
@@ -80,31 +83,46 @@ class FeatureCache:
             meta = json.loads(index.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{index}: not valid JSON ({e}); delete the folder to rebuild") from None
-        if (meta.get("fingerprint"), meta.get("n_mels"), meta.get("d_model"), meta.get("dtype", "float16")) != (
-                self.fingerprint, self.n_mels, self.d_model, _dtype_name(self.dtype)):
+        if (meta.get("fingerprint"), meta.get("n_mels"), meta.get("d_model"), meta.get("dtype", "float16"),
+                meta.get("keys")) != (self.fingerprint, self.n_mels, self.d_model, _dtype_name(self.dtype), "sha1"):
             return  # another encoder: start afresh (the files are rewritten on save)
         tensors = load_file(str(self.folder / FEATURES))
         self.shards = [tensors[f"shard_{k}"] for k in range(len(tensors))]
         self.items = {p: tuple(v) for p, v in meta["items"].items()}
 
+    def key(self, path: str) -> str | None:
+        """The content key of an audio file (None if it cannot be read), computed once per path."""
+        path = str(path)
+        if path not in self._keys:
+            try:
+                self._keys[path] = hashlib.sha1(Path(path).read_bytes()).hexdigest()
+            except OSError:
+                self._keys[path] = None
+        return self._keys[path]
+
     def __contains__(self, path: str) -> bool:
-        return str(path) in self.items
+        return self.key(path) in self.items
 
     def __len__(self) -> int:
         return len(self.items)
 
     def get(self, path: str) -> torch.Tensor:
         """(N, d_model) rows of one audio file (the cache's dtype, fp16 by default)."""
-        shard, off, n = self.items[str(path)]
+        shard, off, n = self.items[self.key(path)]
         return self.shards[shard][off: off + n]
 
     def tokens(self, path: str) -> int:
-        return self.items[str(path)][2]
+        return self.items[self.key(path)][2]
 
     def add(self, paths: Iterable[str], batch_seconds: float = 60.0, progress: bool = True,
             desc: str = "encoding audio") -> int:
         """Encode the paths not cached yet (batches of ~batch_seconds of audio); returns how many."""
-        todo = sorted({str(p) for p in paths} - set(self.items))
+        todo, keys = [], set()
+        for p in sorted({str(p) for p in paths}):
+            k = self.key(p)
+            if k is not None and k not in self.items and k not in keys:  # unreadable: skipped, counted later
+                todo.append(p)
+                keys.add(k)
         if not todo:
             return 0
         import soundfile as sf
@@ -154,7 +172,7 @@ class FeatureCache:
         shard = len(self.shards)
         self.shards.append(torch.cat(out))
         for p, off, n in rows:
-            self.items[p] = (shard, off, n)
+            self.items[self.key(p)] = (shard, off, n)
         self.save()
         return len(rows)
 
@@ -164,7 +182,7 @@ class FeatureCache:
         save_file({f"shard_{k}": t.contiguous() for k, t in enumerate(self.shards)}, str(tmp))
         tmp.replace(self.folder / FEATURES)
         meta = {"fingerprint": self.fingerprint, "n_mels": self.n_mels, "d_model": self.d_model,
-                "dtype": _dtype_name(self.dtype), "items": self.items}
+                "dtype": _dtype_name(self.dtype), "keys": "sha1", "items": self.items}
         (self.folder / INDEX).write_text(json.dumps(meta))
 
     def seconds(self) -> float:
