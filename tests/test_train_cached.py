@@ -7,7 +7,6 @@ same resume guarantee as every run, and config errors naming the key.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_corpus import asr_manifest, asr_record, write_audio, write_manifest
+from train_corpus import (
+    ENV,
+    ROOT,
+    asr_manifest,
+    asr_record,
+    config,
+    one_thread,  # noqa: F401 (autouse fixture: one torch thread in this module)
+    write_audio,
+    write_manifest,
+)
 
 from lalm.errors import ChatFormatError, ConfigError
 from lalm.processor import collate
@@ -25,22 +33,6 @@ from lalm.train.data import TrainData, augment_rows
 from lalm.train.encoder_cache import FeatureCache
 from lalm.train.loop import _forward_rows, train
 from lalm.train.metrics import read_metrics
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the subprocess runs with OMP_NUM_THREADS=1 too: same arithmetic
-    yield
-    torch.set_num_threads(n)
-
-
-def config(stage: str, data: Path, out: Path, *overrides: str) -> TrainConfig:
-    return TrainConfig.load(ROOT / f"configs/test/{stage}.yaml",
-                            [f"data={data}", f"out={out}", "progress=false", *overrides]).validate()
 
 
 def two_audio_record(folder: Path) -> dict:

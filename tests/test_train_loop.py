@@ -7,35 +7,26 @@ LoRA, and a trained checkpoint read by transformers with the same logits.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from train_corpus import PROMPT, WORDS, asr_manifest, asr_record, dpo_record, write_manifest
+from train_corpus import (
+    PROMPT,
+    WORDS,
+    asr_manifest,
+    asr_record,
+    config,
+    dpo_record,
+    one_thread,  # noqa: F401 (autouse fixture: one torch thread in this module)
+    write_manifest,
+)
 
 import lalm
 from lalm.processor import collate, prepare
 from lalm.tokenizer import Tokenizer
-from lalm.train.config import TrainConfig
 from lalm.train.loop import train
 from lalm.train.metrics import read_metrics
 from lalm.weights import load_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On a shared 2-core machine torch's default threads spin against each other: 1 is ~10x faster.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def config(stage: str, data: Path, out: Path, *overrides: str) -> TrainConfig:
-    return TrainConfig.load(ROOT / f"configs/test/{stage}.yaml",
-                            [f"data={data}", f"out={out}", "progress=false", *overrides]).validate()
 
 
 def greedy(model, tok: Tokenizer, messages: list, n_mels: int, max_new: int = 10) -> str:

@@ -6,7 +6,6 @@ curve of an uninterrupted run; torchrun with 2 processes (gloo, FSDP2) equals 1 
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -16,7 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_corpus import asr_manifest
+from train_corpus import (
+    ENV,
+    ROOT,
+    asr_manifest,
+    one_thread,  # noqa: F401 (autouse fixture: one torch thread in this module)
+)
 
 from lalm.errors import CheckpointError
 from lalm.train import checkpoint
@@ -25,17 +29,7 @@ from lalm.train.loop import train
 from lalm.train.metrics import read_metrics
 from lalm.weights import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 12, 3
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the subprocesses run with OMP_NUM_THREADS=1 too: same arithmetic
-    yield
-    torch.set_num_threads(n)
 
 
 def args(data: Path, out: Path, *extra: str) -> list[str]:

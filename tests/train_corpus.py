@@ -1,4 +1,5 @@
-"""Tiny hermetic training manifests for the trainer tests: synthetic audio written to tmp.
+"""What the trainer tests share: tiny hermetic manifests (synthetic audio written to tmp), the
+test configs, the one-thread setting and the environment of `python -m lalm` subprocesses.
 
 Each "word" is a distinct tone (its own frequency and a second harmonic) so the audio alone
 tells which transcript is right: a model can only get the answers by listening.
@@ -7,10 +8,38 @@ tells which transcript is right: a model can only get the answers by listening.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
+import torch
+
+from lalm.train.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+# Subprocesses (`python -m lalm train`, torchrun) run the source tree with one thread, so their
+# arithmetic is the same as the in-process runs they are compared with.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Import into a test module to use: one torch thread there (same arithmetic as the
+    subprocesses; on a shared 2-core machine default threads spin against each other)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def config(stage: str, data: Path, out: Path, *overrides: str) -> TrainConfig:
+    """configs/test/<stage>.yaml on a manifest, writing to out, without progress bars."""
+    return TrainConfig.load(ROOT / f"configs/test/{stage}.yaml",
+                            [f"data={data}", f"out={out}", "progress=false", *overrides]).validate()
+
 
 WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
 PROMPT = "Transcribe this audio."
