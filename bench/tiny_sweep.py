@@ -2,6 +2,8 @@
 
     # 1. pack cached encoder rows + token ids from a finished `lalm demo` home (CPU, ~1 min)
     .venv/bin/python bench/tiny_sweep.py export --home ~/.cache/lalm --out sweep --limit 2250
+    # 1b. (optional) more ASR clips in other voices, packed the same way, for a run's "extra" key
+    .venv/bin/python bench/tiny_sweep.py extra --tokenizer sweep/tokenizer --mode flite --n 3000 --out flite
     # 2. run configurations in parallel, one process each (GPU if there is one, else CPU)
     python bench/tiny_sweep.py run --data sweep --configs sweep.json      # [{"tag": ..., "lr": ...}, ...]
 
@@ -32,9 +34,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-DEFAULTS = dict(layers=2, hidden=256, ffn=768, heads=4, kv=2, lr=1e-3, bs=16, steps=3000, warmup=40,
-                wd=0.01, evals=[1000, 2000, 3000], ctc=0.0, tied=1, fdrop=0.0, tmask=0, tmask_len=8,
-                fnoise=0.0, short_first=0, short_len=5, max_new=40, seed=0)
+DEFAULTS = {"layers": 2, "hidden": 256, "ffn": 768, "heads": 4, "kv": 2, "lr": 1e-3, "bs": 16,
+            "steps": 3000, "warmup": 40, "wd": 0.01, "evals": [1000, 2000, 3000], "ctc": 0.0,
+            "tied": 1, "fdrop": 0.0, "tmask": 0, "tmask_len": 8, "fnoise": 0.0, "short_first": 0,
+            "short_len": 5, "max_new": 40, "seed": 0, "tnoise": 0.0, "extra": [], "limit": 0}
 
 
 def export(home: Path, out: Path, limit: int) -> None:
@@ -81,6 +84,78 @@ def export(home: Path, out: Path, limit: int) -> None:
     pack(load_records(home / "corpus" / "eval" / "asr_real.jsonl"), "real", False)
 
 
+def extra(tok_dir: Path, mode: str, n: int, out: Path) -> None:
+    """n more ASR clips (flite voices, or espeak-ng resampled by 0.8-1.2: vocal tract length),
+    text from the corpus generator minus the held-out eval text, packed like `export`'s train set."""
+    import numpy as np
+    import soundfile as sf
+    import soxr
+    from safetensors.torch import save_file
+
+    from lalm import chat
+    from lalm.config import ModelConfig
+    from lalm.data import build, render, sentences
+    from lalm.data.voices import (
+        ENGLISH_ACCENTS,
+        FEMALE_VARIANTS,
+        FLITE_VOICES,
+        MALE_VARIANTS,
+        Voice,
+    )
+    from lalm.demo import whisper_tiny_en
+    from lalm.model import Qwen2AudioForConditionalGeneration
+    from lalm.tokenizer import Tokenizer
+    from lalm.train.data import raw_prompt
+    from lalm.train.encoder_cache import FeatureCache
+    from lalm.train.importers import load_encoder
+
+    rng = random.Random({"flite": 11, "speed": 12}[mode])
+    reserved, vocab = build.plan("full", 0)[1].reserved, sentences.wordfreq_vocab()
+    (out / "audio").mkdir(parents=True, exist_ok=True)
+    clips = []
+    for i in range(n):
+        rate = rng.choice((rng.randint(115, 149), rng.randint(150, 205), rng.randint(150, 205), rng.randint(206, 250)))
+        pitch = rng.randint(15, 90)
+        if mode == "flite":
+            name = rng.choice(sorted(FLITE_VOICES))
+            v = Voice("flite", name, FLITE_VOICES[name][0], None, min(rate, 220), rng.choice((50, 50, pitch)))
+        else:
+            var = rng.choice(FEMALE_VARIANTS + MALE_VARIANTS)
+            v = Voice("espeak-ng", f"{rng.choice(sorted(ENGLISH_ACCENTS))}+{var}", None, None, rate, pitch)
+        for _ in range(50):
+            kind, words = sentences.sentence(rng, vocab)
+            if words not in reserved:
+                break
+        wave = render.render({"kind": "tts", "engine": v.engine, "voice": v.name, "rate": v.rate,
+                              "pitch": v.pitch, "gender": v.gender, "text": sentences.spoken(kind, words),
+                              "gain_db": round(rng.uniform(-10, 0), 1)})
+        if mode == "speed":  # tempo, pitch and formants all scale by f
+            f = rng.choice((0.8, 0.85, 0.9, 1.1, 1.15, 1.2))
+            wave = soxr.resample(wave, 16000, int(16000 / f)).astype(np.float32)
+        path = out / "audio" / f"{i:06d}.wav"
+        sf.write(path, wave, 16000)
+        clips.append((str(path), words))
+    tok = Tokenizer.load(tok_dir)
+    model = Qwen2AudioForConditionalGeneration(ModelConfig.preset("tiny"))
+    load_encoder(model, whisper_tiny_en())
+    cache = FeatureCache(out / "cache", model.audio_tower, 80)
+    cache.add([p for p, _ in clips], progress=False)
+    feats, meta = [], []
+    for path, words in clips:
+        msgs = [{"role": "user", "content": [{"type": "audio", "audio": path},
+                                             {"type": "text", "text": "Transcribe this audio."}]},
+                {"role": "assistant", "content": words}]
+        prompt, _, target = raw_prompt(msgs)
+        r = chat.render_raw(prompt, tok, [cache.tokens(path)], target=target)
+        feats.append(cache.get(path).float())
+        meta.append({"n": feats[-1].shape[0], "ntgt": int(sum(r.loss_mask)), "ids": r.ids, "ref": words})
+    x = torch.cat(feats)
+    scale = x.abs().amax(1, keepdim=True).clamp(min=1e-6) / 127
+    save_file({"q": torch.round(x / scale).to(torch.int8), "scale": scale.half()}, str(out / "train.safetensors"))
+    (out / "train.json").write_text(json.dumps(meta))
+    print(f"{mode}: {len(meta)} items, {x.shape[0]} rows")
+
+
 def _load(data: Path, name: str, dev: str):
     from safetensors.torch import load_file
 
@@ -117,9 +192,10 @@ def run_one(cfg: dict, data: Path) -> None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(cfg["seed"])
     tok = Tokenizer.load(data / "tokenizer")
-    text = dict(num_hidden_layers=cfg["layers"], hidden_size=cfg["hidden"], intermediate_size=cfg["ffn"],
-                num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv"], head_dim=None,
-                vocab_size=tok.vocab_size, bos_token_id=tok.endoftext_id, eos_token_id=tok.im_end_id)
+    text = {"num_hidden_layers": cfg["layers"], "hidden_size": cfg["hidden"],
+            "intermediate_size": cfg["ffn"], "num_attention_heads": cfg["heads"],
+            "num_key_value_heads": cfg["kv"], "head_dim": None, "vocab_size": tok.vocab_size,
+            "bos_token_id": tok.endoftext_id, "eos_token_id": tok.im_end_id}
     model = Qwen2AudioForConditionalGeneration(ModelConfig.preset("tiny", text=text, audio_token_index=tok.audio_id))
     with torch.no_grad():  # transformers' init: N(0, 0.02), zero biases
         for mod in model.modules():
@@ -131,6 +207,13 @@ def run_one(cfg: dict, data: Path) -> None:
     model.to(dev).train()
     emb = model.language_model.model.embed_tokens
     X, train = _load(data, "train", dev)
+    if cfg["limit"]:
+        train = train[: cfg["limit"]]
+    for more in cfg["extra"]:  # other packed training sets (same tokenizer), appended
+        X2, train2 = _load(Path(more), "train", dev)
+        for m in train2:
+            m["off"] += X.shape[0]
+        X, train = torch.cat([X, X2]), train + train2
     held = {k: _load(data, k, dev) for k in ("piper", "real")}
     head = torch.nn.Linear(cfg["hidden"], tok.vocab_size).to(dev) if cfg["ctc"] and not cfg["tied"] else None
 
@@ -214,6 +297,11 @@ def run_one(cfg: dict, data: Path) -> None:
             rows = rows + cfg["fnoise"] * torch.randn_like(rows)
         if cfg["fdrop"]:
             rows = F.dropout(rows, cfg["fdrop"])
+        if cfg["tnoise"]:  # corrupt teacher-forced target tokens (inputs only): lean on the audio
+            tgt_in = torch.zeros_like(lab, dtype=torch.bool)
+            tgt_in[:, 1:] = lab[:, :-1] != -100
+            flip = tgt_in & (torch.rand(lab.shape, device=dev) < cfg["tnoise"])
+            ids = torch.where(flip, torch.randint(0, tok.endoftext_id, ids.shape, device=dev), ids)
         sel = lab != -100
         loss = F.cross_entropy(model.language_model.lm_head(hidden(ids, att, rows)[sel]).float(), lab[sel])
         total = loss + cfg["ctc"] * ctc(items, rows) if cfg["ctc"] else loss
@@ -241,6 +329,11 @@ def main() -> None:
     e.add_argument("--home", required=True)
     e.add_argument("--out", required=True)
     e.add_argument("--limit", type=int, default=2250)
+    x = sub.add_parser("extra")
+    x.add_argument("--tokenizer", required=True, help="the export's tokenizer folder")
+    x.add_argument("--mode", choices=("flite", "speed"), required=True)
+    x.add_argument("--n", type=int, default=3000)
+    x.add_argument("--out", required=True)
     r = sub.add_parser("run")
     r.add_argument("--data", required=True)
     r.add_argument("--configs", help="JSON list of configurations (all run at once, one process each)")
@@ -249,6 +342,9 @@ def main() -> None:
     if a.cmd == "export":
         torch.set_num_threads(1)
         export(Path(a.home).expanduser(), Path(a.out), a.limit)
+    elif a.cmd == "extra":
+        torch.set_num_threads(1)
+        extra(Path(a.tokenizer), a.mode, a.n, Path(a.out))
     elif a.one:
         run_one(json.loads(a.one), Path(a.data))
     else:

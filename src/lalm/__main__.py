@@ -26,7 +26,7 @@ COMMANDS = {
 
 def _usage() -> str:
     lines = ["usage: lalm <command> [options]", "", "commands:"]
-    for name, module in COMMANDS.items():
+    for name in COMMANDS:
         lines.append(f"  {name:<10} (lalm {name} --help)")
     return "\n".join(lines)
 
