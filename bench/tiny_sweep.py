@@ -14,7 +14,8 @@ steps, one JSON line per evaluation. The rows travel as int8 with a per-row scal
 clips fit in ~50 MB (what a GPU machine could be sent). Keys of a configuration (defaults in
 DEFAULTS): layers, hidden, ffn, heads, kv, lr, bs, steps, warmup, wd, evals, ctc (weight of a
 CTC loss on the projector output; tied = through the embedding matrix), fdrop (dropout on the
-rows), tmask/tmask_len (zeroed spans), fnoise, short_first/short_len (a curriculum).
+rows), tmask/tmask_len (zeroed spans), fnoise, short_first/short_len (a curriculum), beta2
+(AdamW's).
 Not a test and not part of lalm: an experiment harness whose findings live in configs/tiny.
 """
 
@@ -37,7 +38,8 @@ import torch.nn.functional as F
 DEFAULTS = {"layers": 2, "hidden": 256, "ffn": 768, "heads": 4, "kv": 2, "lr": 1e-3, "bs": 16,
             "steps": 3000, "warmup": 40, "wd": 0.01, "evals": [1000, 2000, 3000], "ctc": 0.0,
             "tied": 1, "fdrop": 0.0, "tmask": 0, "tmask_len": 8, "fnoise": 0.0, "short_first": 0,
-            "short_len": 5, "max_new": 40, "seed": 0, "tnoise": 0.0, "extra": [], "limit": 0}
+            "short_len": 5, "max_new": 40, "seed": 0, "tnoise": 0.0, "extra": [], "limit": 0,
+            "beta2": 0.999}
 
 
 def export(home: Path, out: Path, limit: int) -> None:
@@ -272,7 +274,7 @@ def run_one(cfg: dict, data: Path) -> None:
         return out
 
     params = [p for p in model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["wd"])
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["wd"], betas=(0.9, cfg["beta2"]))
     S, W, rng, order, t0 = cfg["steps"], cfg["warmup"], random.Random(cfg["seed"]), [], time.time()
     short = [m for m in train if m["ntgt"] <= cfg["short_len"]]
     for step in range(S):

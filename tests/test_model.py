@@ -114,6 +114,62 @@ def test_default_position_ids_and_last_logits(lalm_model):
     )
 
 
+@pytest.mark.parametrize("shape", ["gqa", "mha"])
+@pytest.mark.parametrize("scenario", ["batch_of_three", "one_audio"])
+def test_last_layer_rows_from_equals_full(lalm_model, shape, scenario):
+    """hidden_states(rows_from=r) is hidden_states()[:, r:] (padded and unpadded batches), and the
+    keys/values it leaves in a cache are the full prefill's."""
+    x = make_inputs(shape, SCENARIOS[scenario])
+    model = lalm_model(shape)
+    ids, B, T = x["ids"], *x["ids"].shape
+    mask = None if scenario == "one_audio" else x["mask"]
+    pos = None if mask is None else x["pos"]
+    with torch.no_grad():
+        full = model.hidden_states(ids, pos, mask, x["mel"], x["frames"])
+        for r in (1, T // 2, T - 1):
+            part = model.hidden_states(ids, pos, mask, x["mel"], x["frames"], rows_from=r)
+            assert part.shape == (B, T - r, full.shape[-1])
+            torch.testing.assert_close(part, full[:, r:], rtol=0, atol=1e-5)
+        caches = [KVCache.for_model(model, batch=B, max_len=T) for _ in range(2)]
+        model.hidden_states(ids, pos, mask, x["mel"], x["frames"], cache=caches[0], cache_pos=0)
+        model.hidden_states(ids, pos, mask, x["mel"], x["frames"], cache=caches[1], cache_pos=0,
+                            rows_from=T - 1)
+    assert caches[0].k.abs().sum() > 0
+    torch.testing.assert_close(caches[1].k, caches[0].k, rtol=0, atol=1e-6)
+    torch.testing.assert_close(caches[1].v, caches[0].v, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="rows_from"):
+        model.hidden_states(ids, pos, mask, x["mel"], x["frames"], rows_from=T)
+
+
+def test_rows_from_gives_the_same_gradients(lalm_model):
+    """Training takes logits at target rows only; skipping the last layer's other rows must not
+    change the loss or any gradient."""
+    x = make_inputs("gqa", SCENARIOS["batch_of_three"])
+    model = lalm_model("gqa")
+    T = x["ids"].shape[1]
+    sel = x["mask"].clone()
+    sel[:, : T - 5] = False  # the "targets": the last 5 real positions of each row
+    results = []
+    model.train()
+    try:
+        for r in (0, T - 5):
+            model.zero_grad(set_to_none=True)
+            h = model.hidden_states(x["ids"], x["pos"], x["mask"], x["mel"], x["frames"], rows_from=r)
+            logits = model.language_model.lm_head(h[sel[:, r:]])
+            loss = torch.nn.functional.cross_entropy(logits, x["ids"][sel])
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                            if p.grad is not None}))
+    finally:
+        model.eval()
+        model.zero_grad(set_to_none=True)
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=0, atol=1e-6)
+    assert g0.keys() == g1.keys() and "audio_tower.conv1.weight" in g0
+    for name, g in g0.items():
+        torch.testing.assert_close(g1[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("shape", ["gqa", "odd"])
 def test_kv_cache_steps_equal_full_forward(lalm_model, shape):
     """Prefill a left-padded batch with audio, then feed the rest one token at a time."""

@@ -63,11 +63,17 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 def _forward_rows(model, batch: Batch):
     """Target-row logits (N, V), their targets (N,) and the sequence of each row (N,)."""
-    h = model.hidden_states(batch.input_ids, batch.position_ids, batch.attention_mask,
-                            batch.mel, batch.mel_frames, audio_rows=batch.audio_rows)  # (B, T, hidden)
     sel = batch.labels != losses.IGNORE_INDEX  # (B, T)
+    # The last decoder layer runs only from the first column holding a target (audio and prompt
+    # rows before it feed the loss through their keys/values alone): same loss, less work.
+    cols = sel.any(0).nonzero()
+    first = int(cols[0]) if len(cols) else 0
+    h = model.hidden_states(batch.input_ids, batch.position_ids, batch.attention_mask,
+                            batch.mel, batch.mel_frames, audio_rows=batch.audio_rows,
+                            rows_from=first)  # (B, T - first, hidden)
+    sel, labels = sel[:, first:], batch.labels[:, first:]
     logits = model.language_model.lm_head(h[sel])  # (N, V)
-    return logits, batch.labels[sel], sel.nonzero()[:, 0]
+    return logits, labels[sel], sel.nonzero()[:, 0]
 
 
 class Trainer:
