@@ -87,8 +87,9 @@ def export(home: Path, out: Path, limit: int) -> None:
 
 
 def extra(tok_dir: Path, mode: str, n: int, out: Path) -> None:
-    """n more ASR clips (flite voices, or espeak-ng resampled by 0.8-1.2: vocal tract length),
-    text from the corpus generator minus the held-out eval text, packed like `export`'s train set."""
+    """n more ASR clips, text from the corpus generator minus the held-out eval text, packed like
+    `export`'s train set. mode: flite / flite2 (flite voices, two seeds), speed (espeak-ng resampled
+    by 0.8-1.2: tempo, pitch and vocal tract length), flitespeed (flite voices so resampled)."""
     import numpy as np
     import soundfile as sf
     import soxr
@@ -111,14 +112,14 @@ def extra(tok_dir: Path, mode: str, n: int, out: Path) -> None:
     from lalm.train.encoder_cache import FeatureCache
     from lalm.train.importers import load_encoder
 
-    rng = random.Random({"flite": 11, "speed": 12}[mode])
+    rng = random.Random({"flite": 11, "speed": 12, "flite2": 13, "flitespeed": 14}[mode])
     reserved, vocab = build.plan("full", 0)[1].reserved, sentences.wordfreq_vocab()
     (out / "audio").mkdir(parents=True, exist_ok=True)
     clips = []
     for i in range(n):
         rate = rng.choice((rng.randint(115, 149), rng.randint(150, 205), rng.randint(150, 205), rng.randint(206, 250)))
         pitch = rng.randint(15, 90)
-        if mode == "flite":
+        if mode.startswith("flite"):
             name = rng.choice(sorted(FLITE_VOICES))
             v = Voice("flite", name, FLITE_VOICES[name][0], None, min(rate, 220), rng.choice((50, 50, pitch)))
         else:
@@ -131,7 +132,7 @@ def extra(tok_dir: Path, mode: str, n: int, out: Path) -> None:
         wave = render.render({"kind": "tts", "engine": v.engine, "voice": v.name, "rate": v.rate,
                               "pitch": v.pitch, "gender": v.gender, "text": sentences.spoken(kind, words),
                               "gain_db": round(rng.uniform(-10, 0), 1)})
-        if mode == "speed":  # tempo, pitch and formants all scale by f
+        if mode in ("speed", "flitespeed"):  # tempo, pitch and formants all scale by f
             f = rng.choice((0.8, 0.85, 0.9, 1.1, 1.15, 1.2))
             wave = soxr.resample(wave, 16000, int(16000 / f)).astype(np.float32)
         path = out / "audio" / f"{i:06d}.wav"
@@ -232,9 +233,9 @@ def run_one(cfg: dict, data: Path) -> None:
         rows = torch.cat([feats[m["off"]: m["off"] + m["n"]] for m in items])
         return ids.to(dev), att.to(dev), lab.to(dev), rows
 
-    def hidden(ids, att, rows):
+    def hidden(ids, att, rows, rows_from=0):  # (B, T - rows_from, hidden)
         pos = (att.long().cumsum(1) - 1).clamp(min=0)
-        return model.hidden_states(ids, pos, att, audio_rows=rows)
+        return model.hidden_states(ids, pos, att, audio_rows=rows, rows_from=rows_from)
 
     def ctc(items, rows):
         x = model.multi_modal_projector(rows)
@@ -260,7 +261,7 @@ def run_one(cfg: dict, data: Path) -> None:
             res, done = [[] for _ in chunk], [False] * len(chunk)
             for _ in range(cfg["max_new"]):  # no KV cache: short prompts, a harness
                 ids, att, _, rows = batch(chunk, feats, False)
-                nxt = model.language_model.lm_head(hidden(ids, att, rows)[:, -1]).argmax(-1).tolist()
+                nxt = model.language_model.lm_head(hidden(ids, att, rows, ids.shape[1] - 1)[:, -1]).argmax(-1).tolist()
                 for b, t in enumerate(nxt):
                     if not done[b] and t in (tok.endoftext_id, tok.im_end_id):
                         done[b] = True
@@ -305,7 +306,9 @@ def run_one(cfg: dict, data: Path) -> None:
             flip = tgt_in & (torch.rand(lab.shape, device=dev) < cfg["tnoise"])
             ids = torch.where(flip, torch.randint(0, tok.endoftext_id, ids.shape, device=dev), ids)
         sel = lab != -100
-        loss = F.cross_entropy(model.language_model.lm_head(hidden(ids, att, rows)[sel]).float(), lab[sel])
+        r = int(sel.any(0).nonzero()[0])  # the last layer from the first target column on
+        h = hidden(ids, att, rows, r)
+        loss = F.cross_entropy(model.language_model.lm_head(h[sel[:, r:]]).float(), lab[sel])
         total = loss + cfg["ctc"] * ctc(items, rows) if cfg["ctc"] else loss
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -333,7 +336,7 @@ def main() -> None:
     e.add_argument("--limit", type=int, default=2250)
     x = sub.add_parser("extra")
     x.add_argument("--tokenizer", required=True, help="the export's tokenizer folder")
-    x.add_argument("--mode", choices=("flite", "speed"), required=True)
+    x.add_argument("--mode", choices=("flite", "flite2", "speed", "flitespeed"), required=True)
     x.add_argument("--n", type=int, default=3000)
     x.add_argument("--out", required=True)
     r = sub.add_parser("run")

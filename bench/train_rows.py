@@ -4,7 +4,7 @@
 
 Takes the first --batches batches of lalm-tiny's pre-training (configs/tiny/pretrain.yaml on a
 finished demo's data, tokenizer and cached encoder rows; the cache is copied first), then times
-forward + backward of the loop's loss on each batch both ways, alternating per trial, one thread,
+forward + backward of the loop's loss on each batch both ways, alternating per trial, --threads,
 no optimizer step (the weights stay the same, so both ways see the same model). Prints seconds per
 batch, tokens/s and the largest loss difference between the two (the change must be exact).
 """
@@ -29,8 +29,9 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs/tiny/pretrain.yaml"))
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     from lalm.demo import whisper_tiny_en
     from lalm.processor import collate
     from lalm.train import losses
@@ -78,6 +79,7 @@ def main() -> None:
         out["speed-up"] = round(min(seconds["all rows"]) / min(seconds["rows_from"]), 2)
         out["max_relative_loss_diff"] = diff
         out["batches"], out["tokens"], out["batch_size"] = len(batches), tokens, cfg.batch_size
+        out["threads"] = torch.get_num_threads()
         print(json.dumps(out))
 
 
