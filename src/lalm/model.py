@@ -15,6 +15,7 @@ costs ~300 frames instead of 3000 and gives the reference's numbers.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -166,6 +167,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def decode_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (M, in) @ w (in, out) for a decode step: numpy's BLAS for fp32 on CPU, torch elsewhere.
+
+    Why: the MKL inside torch's x86 wheel runs few-row fp32 GEMMs at a fraction of the pace of
+    the OpenBLAS inside numpy's wheel on AMD CPUs (this project's: EPYC, AVX2). Streaming a
+    24-layer, 896-wide decoder's 2 GB of weights for 8 rows took 630 ms with MKL and 258 ms with
+    OpenBLAS at 2 threads (564 vs 383 ms at 1); one row about equal at 1 (bench/decode_gemm.py).
+    The arrays share the tensors' memory: no copies. Only without gradients (decode steps).
+    """
+    if x.device.type == "cpu" and x.dtype == torch.float32 == w.dtype:
+        return torch.from_numpy(np.matmul(x.detach().numpy(), w.detach().numpy()))
+    return x @ w
+
+
+def decode_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) for decode rows x (B, 1, in), through `decode_gemm` when layer is a plain Linear and
+    no gradient is wanted; the layer's own call otherwise (LoRA wrappers, training)."""
+    if type(layer) is not nn.Linear or torch.is_grad_enabled():
+        return layer(x)
+    y = decode_gemm(x.reshape(-1, x.shape[-1]), layer.weight.t())
+    if layer.bias is not None:
+        y += layer.bias
+    return y.view(*x.shape[:-1], -1)
+
+
 def fused_weight(linears: tuple[nn.Module, ...]) -> torch.Tensor | None:
     """(in, sum of outs): these Linear weights side by side in one tensor, when
     `use_decode_layout` stored them that way and no gradient is wanted, so one GEMM computes all
@@ -259,12 +285,12 @@ class Attention(nn.Module):
             v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
             q, k = apply_rope(q, cos[:, :, q_from:], sin[:, :, q_from:]), apply_rope(k, cos, sin)
             T = Tq
-        elif B * T == 1 and (w := fused_weight(projections)) is not None:
-            # One GEMM for q|k|v, one RoPE for q|k: a decode step of one row is op-bound beside
-            # its weight reads.
-            qkv = torch.addmm(torch.cat([p.bias for p in projections]), x.reshape(1, -1), w)
-            qk = apply_rope(qkv[:, : (H + Hkv) * D].view(1, H + Hkv, 1, D), cos, sin)
-            q, k, v = qk[:, :H], qk[:, H:], qkv[:, (H + Hkv) * D:].view(1, Hkv, 1, D)
+        elif T == 1 and (w := fused_weight(projections)) is not None:
+            # One GEMM for q|k|v, one RoPE for q|k: a decode step is op-bound beside its weight
+            # reads.
+            qkv = decode_gemm(x.reshape(B, -1), w) + torch.cat([p.bias for p in projections])
+            qk = apply_rope(qkv[:, : (H + Hkv) * D].view(B, H + Hkv, 1, D), cos, sin)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, (H + Hkv) * D:].view(B, Hkv, 1, D)
         else:
             q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
             k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
@@ -284,7 +310,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q.reshape(B, self.num_kv_heads, groups, self.head_dim), k, v, attn_mask=mask
             )  # (B, Hkv, groups, D)
-            return self.o_proj(out.reshape(B, 1, -1))
+            return decode_linear(self.o_proj, out.reshape(B, 1, -1))
         if groups > 1 and mask is not None:
             # Fused GQA kernels take no arbitrary mask; expand K/V as transformers' repeat_kv does.
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -296,7 +322,8 @@ class Attention(nn.Module):
             is_causal=mask is None and T > 1,
             enable_gqa=k.shape[1] != q.shape[1],
         )  # (B, H, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        return decode_linear(self.o_proj, out) if T == 1 else self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -308,10 +335,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (B, T, hidden)
-        if x.shape[0] * x.shape[1] == 1 and (w := fused_weight((self.gate_proj, self.up_proj))) is not None:
-            gate, up = (x.reshape(1, -1) @ w).view(*x.shape[:-1], -1).chunk(2, -1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+        if x.shape[1] == 1 and (w := fused_weight((self.gate_proj, self.up_proj))) is not None:
+            gate, up = decode_gemm(x.reshape(x.shape[0], -1), w).view(*x.shape[:-1], -1).chunk(2, -1)
+            return decode_linear(self.down_proj, F.silu(gate) * up)  # SwiGLU
+        gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
@@ -392,6 +419,7 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         fp32) `x @ W.t()` reads W about 1.3x faster when W.t() is the contiguous operand (measured
         per row: gate 896->4864 1.5 vs 2.2 ms, LM head 47 vs 71 ms; 8 rows: 170 vs 236 ms), and
         one GEMM over gate|up (q|k|v) beats two (three): 2.4 vs 2.75 ms (0.41 vs 0.50 ms) per row.
+        Decode steps (any batch) now run these GEMMs through numpy's OpenBLAS (`decode_gemm`).
         down_proj stays as stored (faster so). bf16 is 5-6x *slower* with transposed storage
         (oneDNN converts it), hence fp32 only. Training and saving are unaffected (autograd does
         not care about strides; fused_weight is off with gradients; weights.save writes
@@ -571,4 +599,6 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
             input_ids, position_ids, attention_mask, mel, mel_frames, cache, cache_pos, audio_rows,
             rows_from,
         )
+        if h.shape[1] == 1 and cache is not None:  # a decode step (or a prefill's last row)
+            return decode_linear(self.language_model.lm_head, h)
         return self.language_model.lm_head(h)
