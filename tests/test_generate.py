@@ -148,6 +148,27 @@ def test_batch_of_three_mixed_lengths(tiny, hf):
         assert b.prompt_tokens == n
 
 
+def test_one_thread_decode_through_numpy_blas_keeps_parity(tiny, hf):
+    """With one torch thread, decode-step GEMMs go through numpy's BLAS (model.decode_gemm): the
+    batched greedy ids must still equal transformers'."""
+    from lalm.model import decode_gemm
+
+    names = ["two_audios", "text_only", "voice_only"]
+    convs = [CONVERSATIONS[k] for k in names]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x, w = torch.randn(3, 8), torch.randn(8, 5)
+        with torch.no_grad():
+            y = decode_gemm(x, w)
+        assert not y.requires_grad and torch.allclose(y, x @ w, atol=1e-5)
+        batched = tiny.generate(convs, max_new_tokens=N_NEW, min_new_tokens=N_NEW, temperature=0)
+    finally:
+        torch.set_num_threads(n)
+    ref = hf_generate(hf, tiny, convs, max_new_tokens=N_NEW, min_new_tokens=N_NEW)
+    assert [b.token_ids for b in batched] == ref
+
+
 def test_stops_on_eos_like_transformers(tiny, hf):
     """No min_new_tokens: a row that meets eos stops there (eos kept) while its batch-mate runs
     on, as in transformers (which pads the finished row). The random model seldom emits the

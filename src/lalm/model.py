@@ -174,9 +174,12 @@ def decode_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     the OpenBLAS inside numpy's wheel on AMD CPUs (this project's: EPYC, AVX2). Streaming a
     24-layer, 896-wide decoder's 2 GB of weights for 8 rows took 630 ms with MKL and 258 ms with
     OpenBLAS at 2 threads (564 vs 383 ms at 1); one row about equal at 1 (bench/decode_gemm.py).
-    The arrays share the tensors' memory: no copies. Only without gradients (decode steps).
+    The arrays share the tensors' memory: no copies. Only without gradients (decode steps), and
+    only when torch runs one thread: with more, torch's OpenMP workers spin between ops while
+    OpenBLAS's own threads want the same cores, and a 2-thread decode step ran 2x *slower*
+    (batch 1 2.30 tok/s vs transformers' 4.24, docs/benchmarks.md), so it stays with MKL then.
     """
-    if x.device.type == "cpu" and x.dtype == torch.float32 == w.dtype:
+    if x.device.type == "cpu" and x.dtype == torch.float32 == w.dtype and torch.get_num_threads() == 1:
         return torch.from_numpy(np.matmul(x.detach().numpy(), w.detach().numpy()))
     return x @ w
 
