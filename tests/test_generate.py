@@ -169,6 +169,31 @@ def test_one_thread_decode_through_numpy_blas_keeps_parity(tiny, hf):
     assert [b.token_ids for b in batched] == ref
 
 
+def test_decode_steps_run_torch_on_one_thread_and_openblas_on_the_rest(tiny):
+    """model.decode_threads: during a CPU fp32 decode step torch runs one thread and numpy's
+    OpenBLAS (the step's GEMMs) as many as torch had; prefill keeps torch's threads; torch's
+    count is restored after."""
+    from lalm.model import numpy_openblas
+
+    blas = numpy_openblas()
+    assert blas is not None  # numpy's wheels bundle OpenBLAS
+    seen = []
+    hook = tiny.model.language_model.model.layers[0].register_forward_pre_hook(
+        lambda mod, args: seen.append((args[0].shape[1], torch.get_num_threads(), blas.num_threads))
+    )
+    n, b = torch.get_num_threads(), blas.num_threads
+    torch.set_num_threads(2)
+    try:
+        tiny.generate([CONVERSATIONS["single"]], max_new_tokens=4, min_new_tokens=4, temperature=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        hook.remove()
+        torch.set_num_threads(n)
+        blas.set_num_threads(b)
+    assert seen[0][:2] == (seen[0][0], 2) and seen[0][0] > 1  # prefill
+    assert seen[1:] == [(1, 1, 2)] * 3  # three decode steps
+
+
 def test_stops_on_eos_like_transformers(tiny, hf):
     """No min_new_tokens: a row that meets eos stops there (eos kept) while its batch-mate runs
     on, as in transformers (which pads the finished row). The random model seldom emits the

@@ -15,6 +15,8 @@ costs ~300 frames instead of 3000 and gives the reference's numbers.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -167,19 +169,64 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+_numpy_openblas: list = []  # [numpy's OpenBLAS (a threadpoolctl controller) or None], found once
+
+
+def numpy_openblas():
+    """numpy's OpenBLAS, to size its thread pool at run time, or None when numpy links another
+    BLAS. threadpoolctl is the maintained way to reach a loaded OpenBLAS's set_num_threads."""
+    if not _numpy_openblas:
+        from threadpoolctl import ThreadpoolController
+
+        libs = ThreadpoolController().select(internal_api="openblas").lib_controllers
+        libs = [lib for lib in libs if "numpy" in lib.filepath or "scipy_openblas" in lib.filepath]
+        _numpy_openblas.append(libs[0] if libs else None)
+    return _numpy_openblas[0]
+
+
+@contextlib.contextmanager
+def decode_threads(on: bool = True):
+    """Threads for one fp32 CPU decode step: torch's ops on one thread, numpy's OpenBLAS (which
+    runs the step's GEMMs, `decode_gemm`) on as many threads as torch had.
+
+    Why: a decode step is ~95% few-row GEMMs that stream the weights; the rest (norms, RoPE,
+    attention over B x S) is too small to gain from a second thread. With torch's OpenMP workers
+    and OpenBLAS's threads both live, each pool spins while the other works, and a 2-thread step
+    ran at half the one-thread speed; with torch on one thread and the GEMMs on OpenBLAS's two,
+    a 24-layer 896-wide decoder decodes batch 1 at 5.6 tok/s and batch 8 at 27.0 (with the decode
+    GEMMs left on MKL at 2 threads: 5.7 and 13.2; docs/benchmarks.md, runs G). Sizing OpenBLAS
+    here also keeps a one-thread run (e.g. `lalm serve --threads 1`) on one core.
+    """
+    blas = numpy_openblas() if on else None
+    if blas is None:
+        yield False
+        return
+    n = torch.get_num_threads()
+    if blas.num_threads != n:
+        blas.set_num_threads(n)
+    torch.set_num_threads(1)
+    try:
+        yield True
+    finally:
+        torch.set_num_threads(n)
+
+
 def decode_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (M, in) @ w (in, out) for a decode step: numpy's BLAS for fp32 on CPU, torch elsewhere.
+    """x (M, in) @ w (in, out) for a decode step: numpy's OpenBLAS for fp32 on CPU inside
+    `decode_threads`, torch elsewhere.
 
     Why: the MKL inside torch's x86 wheel runs few-row fp32 GEMMs at a fraction of the pace of
     the OpenBLAS inside numpy's wheel on AMD CPUs (this project's: EPYC, AVX2). Streaming a
     24-layer, 896-wide decoder's 2 GB of weights for 8 rows took 630 ms with MKL and 258 ms with
     OpenBLAS at 2 threads (564 vs 383 ms at 1); one row about equal at 1 (bench/decode_gemm.py).
-    The arrays share the tensors' memory: no copies. Only without gradients (decode steps), and
-    only when torch runs one thread: with more, torch's OpenMP workers spin between ops while
-    OpenBLAS's own threads want the same cores, and a 2-thread decode step ran 2x *slower*
-    (batch 1 2.30 tok/s vs transformers' 4.24, docs/benchmarks.md), so it stays with MKL then.
+    The arrays share the tensors' memory: no copies. Only without gradients (decode steps).
     """
-    if x.device.type == "cpu" and x.dtype == torch.float32 == w.dtype and torch.get_num_threads() == 1:
+    if (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32 == w.dtype
+        and torch.get_num_threads() == 1
+        and numpy_openblas() is not None
+    ):
         return torch.from_numpy(np.matmul(x.detach().numpy(), w.detach().numpy()))
     return x @ w
 
