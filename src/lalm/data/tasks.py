@@ -191,7 +191,10 @@ class Planner:
             stage = "pretrain" if rng.random() < 0.6 else "sft"
             self.emit(stage, split, "speaker", v.source, [user(audio(c), text(rng.choice(qs))),
                                                          assistant(ans)], {**meta, "attribute": attr})
-        if rng.random() < 0.06:
+        # Coarse type: about as many speech and music answers as sound ones. At 6% of speech
+        # clips and 40% of melodies SFT held 402 speech and 411 music answers against 592 sound
+        # ones, and every coarse error of the held-out set was a "sound" (docs/lalm-tiny.md).
+        if rng.random() < 0.12:
             self.emit("sft", split, "coarse", v.source,
                       [user(audio(c), text(P.pick(rng, P.COARSE, 0.7))), assistant("speech")], meta)
 
@@ -317,7 +320,7 @@ class Planner:
                                        (P.INSTRUMENT, inst)], 2):
                 self.emit(rng.choice(("pretrain", "sft")), split, "music", src,
                           [user(audio(c), text(rng.choice(qs))), assistant(ans)], meta)
-            if rng.random() < 0.4:
+            if rng.random() < 0.8:
                 self.emit("sft", split, "coarse", src,
                           [user(audio(c), text(P.pick(rng, P.COARSE, 0.7))), assistant("music")], meta)
 
