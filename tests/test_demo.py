@@ -31,6 +31,38 @@ def test_recipe_rejects_unknown_keys(tmp_path):
         Recipe.load(tmp_path)
 
 
+def test_spoken_qa_repeat_oversamples_voice_chat_lines_only(tmp_path):
+    """select_manifests with spoken_qa_repeat: an SFT line whose user turns are audio alone
+    appears that many times (a line with text in a user turn, once); the BPE text counts it once."""
+    from lalm.train.recipe import Recipe, manifest_texts, select_manifests, spoken_only
+
+    def rec(i, user):
+        return {"id": f"sft-{i}", "source": "flite:slt", "task": "voice_chat",
+                "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": "4"}]}
+
+    import numpy as np
+    import soundfile as sf
+
+    wav = tmp_path / "audio" / "voice_chat" / "000000.wav"
+    wav.parent.mkdir(parents=True)
+    sf.write(wav, np.zeros(1600, dtype=np.float32), 16000)
+    wav = str(wav)
+    spoken = rec(0, [{"type": "audio", "audio": wav}])
+    typed = rec(1, [{"type": "audio", "audio": wav}, {"type": "text", "text": "What did I ask?"}])
+    assert spoken_only(spoken) and not spoken_only(typed)
+    for stage in ("pretrain", "sft", "dpo"):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "dev.jsonl").write_text("")
+        lines = [spoken, typed] if stage == "sft" else []
+        (tmp_path / stage / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = tmp_path / "out"
+    counts = select_manifests(tmp_path, out, Recipe(spoken_qa_repeat=3))
+    assert counts["sft/train"] == 4
+    ids = [r["id"] for r in load_records(out / "sft" / "train.jsonl")]
+    assert ids == ["sft-0", "sft-0", "sft-0", "sft-1"]
+    assert manifest_texts([out / "sft" / "train.jsonl"]).count("4") == 2
+
+
 def test_quick_demo_end_to_end(tmp_path, capsys):
     """`lalm demo --quick`: corpus, three stages, eval, a model that loads and answers; rerun reuses."""
     import lalm

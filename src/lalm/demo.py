@@ -113,7 +113,8 @@ class Pipeline:
 
         r = self.recipe
         key = _fingerprint({"clips": r.clips, "dev": r.dev_records, "text_qa": r.text_qa,
-                            "seed": r.text_qa_seed, "vocab": r.vocab_size, "corpus": self.state.get("corpus")})
+                            "seed": r.text_qa_seed, "vocab": r.vocab_size,
+                            "spoken_qa_repeat": r.spoken_qa_repeat, "corpus": self.state.get("corpus")})
         data, tok = self.demo / "data", self.demo / "tokenizer"
         if self._up_to_date("data", key, data / "sft" / "train.jsonl", tok / "tokenizer.json"):
             return

@@ -42,6 +42,7 @@ class Recipe:
     dev_records: int = 96  # per stage: held-out lines scored during training
     text_qa: int = 0  # text-only question/answer lines added to SFT
     text_qa_seed: int = 1234
+    spoken_qa_repeat: int = 1  # each SFT line whose user turns are audio alone appears this many times
     eval_batch_size: int = 16
     eval_limit: int = 0  # at most N items per eval set (0 = all)
     eval_max_new_tokens: int = 64
@@ -89,6 +90,14 @@ def clip_kind(path: str) -> str:
 def _audio(rec: dict) -> list[str]:
     return [p["audio"] for m in rec["messages"] if isinstance(m["content"], list)
             for p in m["content"] if p.get("type") == "audio"]
+
+
+def spoken_only(rec: dict) -> bool:
+    """A voice-chat line: every user turn is audio alone (a spoken instruction, no text)."""
+    users = [m["content"] for m in rec["messages"] if m["role"] == "user"]
+    return bool(users) and all(
+        isinstance(c, list) and c and all(p.get("type") == "audio" for p in c) for c in users
+    )
 
 
 def _rank(path: str) -> str:
@@ -153,6 +162,10 @@ def select_manifests(corpus: Path, out: Path, recipe: Recipe) -> dict[str, int]:
     exclude = eval_questions(corpus)
     for stage in STAGES:
         train = [r for r in load_records(corpus / stage / "train.jsonl") if set(_audio(r)) <= chosen]
+        if stage == "sft" and recipe.spoken_qa_repeat > 1:
+            # Oversample the voice-chat mode: its answers must come from the audio alone, and
+            # 800 SFT steps showed each spoken question ~0.6 times (docs/lalm-tiny.md).
+            train = [x for r in train for x in [r] * (recipe.spoken_qa_repeat if spoken_only(r) else 1)]
         if stage == "sft" and recipe.text_qa:
             train += text_questions(recipe.text_qa, recipe.text_qa_seed, exclude)
         dev = load_records(corpus / stage / "dev.jsonl")
@@ -164,11 +177,14 @@ def select_manifests(corpus: Path, out: Path, recipe: Recipe) -> dict[str, int]:
 
 def manifest_texts(paths: list[Path]) -> list[str]:
     """Every text of some manifests (prompts, answers, preference pairs): the BPE training text."""
-    texts = []
+    texts, seen = [], set()
     for path in paths:
         for line in Path(path).read_text(encoding="utf-8").splitlines():
             if not line.strip():
                 continue
+            if line in seen:  # a repeated line (spoken_qa_repeat) is one text
+                continue
+            seen.add(line)
             rec = json.loads(line)
             for m in rec["messages"]:
                 c = m["content"]
