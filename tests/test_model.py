@@ -23,7 +23,7 @@ from hf_reference import (
 )
 
 from lalm.errors import AudioError, ChatFormatError
-from lalm.model import KVCache, fused_weight, num_audio_tokens
+from lalm.model import KVCache, fused_bias, fused_weight, num_audio_tokens
 
 TOL = 1e-4
 
@@ -341,6 +341,10 @@ def test_decode_layout_changes_storage_only(hf_model, lalm_model):
         w = fused_weight((attn.q_proj, attn.k_proj, attn.v_proj))
         assert w.shape == (64, 64 + 32 + 32) and torch.equal(w[:, 64:96], before[layer + "self_attn.k_proj.weight"].t())
         assert fused_weight((mlp.gate_proj, mlp.up_proj)) is not None
+        b = fused_bias((attn.q_proj, attn.k_proj, attn.v_proj))  # a view, not a per-step copy
+        assert b.data_ptr() == attn.q_proj.bias.data_ptr() and b.shape == (128,)
+        assert torch.equal(b[64:96], before[layer + "self_attn.k_proj.bias"])
+        assert fused_bias((attn.k_proj, attn.q_proj)).data_ptr() != attn.k_proj.bias.data_ptr()  # out of order: a copy
         out = model(x["ids"], x["pos"], x["mask"], x["mel"], x["frames"])
         # one row: the fused q|k|v and gate|up GEMMs of a cached decode step
         ids, pos, T = x["ids"][1:2], x["pos"][1:2], int(x["mask"][1].sum())
