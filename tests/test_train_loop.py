@@ -80,6 +80,21 @@ def test_dpo_raises_heldout_preference_accuracy(tmp_path):
     assert (tmp_path / "out" / "dpo_ref" / "train.safetensors").is_file()
 
 
+def test_rpo_alpha_adds_the_chosen_nll_in_the_loop(tmp_path):
+    """At the first step the policy is the reference, so every pair's DPO loss is log 2; rpo_alpha
+    adds alpha x the mean per-token NLL of the chosen answers, linearly."""
+    data = write_manifest(tmp_path / "pairs.jsonl", [dpo_record(tmp_path, k, seed=0) for k in range(8)])
+    first = {}
+    for alpha in (0.0, 1.0, 2.0):
+        out = tmp_path / f"a{alpha}"
+        train(config("dpo", data, out, "max_steps=1", f"rpo_alpha={alpha}"))
+        first[alpha] = read_metrics(out)[0]["loss"]
+    assert first[0.0] == pytest.approx(0.6931472, abs=1e-5)
+    nll = first[1.0] - first[0.0]
+    assert 0.5 < nll < 8.0  # a random tiny model: a few nats per token
+    assert first[2.0] - first[0.0] == pytest.approx(2 * nll, rel=1e-4)
+
+
 def test_bad_manifest_lines_are_skipped_and_counted(tmp_path, capsys):
     records = [asr_record(tmp_path, k) for k in range(8)]
     missing = asr_record(tmp_path, 9)

@@ -41,6 +41,22 @@ def test_dpo_loss_equals_hand_computed_eq2():
     assert out.chosen_rewards.tolist() == pytest.approx([0.1, -0.05, 0.05], abs=1e-6)
 
 
+def test_rpo_alpha_adds_the_chosen_per_token_nll():
+    pc, pr = torch.tensor([-4.0, -10.0]), torch.tensor([-6.0, -9.0])
+    rc, rr = torch.tensor([-5.0, -9.5]), torch.tensor([-5.5, -9.5])
+    plain = losses.dpo_loss(pc, pr, rc, rr, 0.1)
+    rpo = losses.dpo_loss(pc, pr, rc, rr, 0.1, rpo_alpha=0.5, chosen_tokens=torch.tensor([2, 5]))
+    # + 0.5 * (4 / 2) and + 0.5 * (10 / 5): per-token NLL of the chosen answer
+    assert (rpo.losses - plain.losses).tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert torch.equal(rpo.margins, plain.margins)  # rewards are DPO's alone
+    with pytest.raises(ValueError, match="chosen_tokens"):
+        losses.dpo_loss(pc, pr, rc, rr, 0.1, rpo_alpha=0.5)
+    with pytest.raises(ConfigError, match="rpo_alpha"):
+        TrainConfig(stage="sft", rpo_alpha=1.0).validate()
+    with pytest.raises(ConfigError, match="rpo_alpha"):
+        TrainConfig(stage="dpo", rpo_alpha=-1.0).validate()
+
+
 def test_dpo_default_beta_and_stability():
     assert TrainConfig().beta == 0.1
     z = torch.tensor([-1e4])

@@ -74,6 +74,7 @@ class TrainConfig:
     lora_target_modules: list = field(default_factory=list)  # e.g. [q_proj, v_proj]
     lora_components: list = field(default_factory=lambda: ["decoder"])  # where those names are adapted
     beta: float = 0.1  # DPO temperature (Eq. 2); 0.1 as LLaMA-Factory / ms-swift
+    rpo_alpha: float = 0.0  # DPO only: + rpo_alpha x the chosen answer's per-token NLL (RPO; 0 = Eq. 2 alone)
 
     # --- run --------------------------------------------------------------------------------
     seed: int = 0
@@ -104,6 +105,8 @@ class TrainConfig:
         for c in self.lora_components:
             if c not in COMPONENTS:
                 raise ConfigError(f"lora_components: {c!r} is not one of {', '.join(COMPONENTS)}")
+        if self.rpo_alpha < 0 or (self.rpo_alpha and self.stage != "dpo"):
+            raise ConfigError(f"rpo_alpha: must be >= 0 and is for stage dpo only, got {self.rpo_alpha}")
         if self.lora_r and not self.lora_target_modules:
             raise ConfigError("lora_target_modules: LoRA (lora_r > 0) needs target module names")
         self._validate_feature_cache()

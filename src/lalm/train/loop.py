@@ -257,8 +257,9 @@ class Trainer:
             if dpo:
                 logps = losses.rows_sequence_logps(logits, targets, seq, len(examples))
                 idx = torch.tensor([i for i, _ in part])
+                n_tokens = torch.bincount(seq, minlength=len(examples))  # (2P,) target tokens per sequence
                 out = losses.dpo_loss(logps[0::2], logps[1::2], self.ref[0][idx].to(logps),
-                                      self.ref[1][idx].to(logps), cfg.beta)
+                                      self.ref[1][idx].to(logps), cfg.beta, cfg.rpo_alpha, n_tokens[0::2])
                 total = out.losses.sum()
                 sums["margin"] += float(out.margins.sum())
                 sums["acc"] += float((out.margins > 0).sum())

@@ -77,15 +77,26 @@ def dpo_loss(
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
     beta: float = 0.1,
+    rpo_alpha: float = 0.0,
+    chosen_tokens: torch.Tensor | None = None,
 ) -> DPOOutput:
     """Eq. 2 of Qwen2-Audio (Rafailov et al.'s DPO), per pair, from sequence log-probs (P,).
 
     L = -log sigmoid( beta * [log pi(y_w|x) - log ref(y_w|x)] - beta * [log pi(y_l|x) - log ref(y_l|x)] )
     `logsigmoid` rather than `log(sigmoid(.))` keeps large negative margins finite.
+
+    rpo_alpha > 0 adds rpo_alpha * the chosen answer's per-token NLL, -log pi(y_w|x) / |y_w|
+    (chosen_tokens (P,) = |y_w|): RPO (Pang et al., 2024; TRL's and ms-swift's `rpo_alpha`). Plain
+    DPO can lower the chosen answer's likelihood along with the rejected one's (it only needs the
+    gap); the NLL term holds the chosen answer up. 0 = the paper's Eq. 2 alone.
     """
     chosen = policy_chosen - ref_chosen
     rejected = policy_rejected - ref_rejected
     losses = -F.logsigmoid(beta * chosen - beta * rejected)
+    if rpo_alpha:
+        if chosen_tokens is None:
+            raise ValueError("rpo_alpha needs chosen_tokens, the length of each chosen answer")
+        losses = losses - rpo_alpha * policy_chosen / chosen_tokens.clamp(min=1).to(policy_chosen)
     return DPOOutput(
         losses=losses,
         chosen_rewards=(beta * chosen).detach(),
