@@ -43,10 +43,52 @@ def test_loads_transformers_checkpoint_exactly(hf_checkpoint):
     assert not model.audio_tower.embed_positions.weight.requires_grad
 
 
+@pytest.mark.parametrize("prefixes", [
+    # transformers 5's in-memory names
+    {"language_model.model.": "model.language_model.", "language_model.lm_head.": "lm_head.",
+     "audio_tower.": "model.audio_tower.", "multi_modal_projector.": "model.multi_modal_projector."},
+    # what transformers 5.17's save_pretrained writes (seen on a GPU machine's image)
+    {"language_model.model.": "language_model.model.model."},
+], ids=["in-memory", "5.17-saved"])
+def test_loads_transformers_5_layouts(hf_checkpoint, tmp_path, prefixes):
+    """The same tensors under transformers 5's other names load under their released names."""
+    src = hf_checkpoint("gqa")
+
+    def rename(t):
+        for k in list(t):
+            old = next((p for p in prefixes if k.startswith(p)), None)
+            if old:
+                t[prefixes[old] + k[len(old):]] = t.pop(k)
+
+    folder = copy_with(src, tmp_path / "v5", rename)
+    assert "language_model.model.norm.weight" not in read_all(folder)
+    state, stored = load_checkpoint(folder).state_dict(), read_all(src)
+    assert set(state) == set(stored)
+    assert all(torch.equal(state[k], stored[k]) for k in stored)
+
+    def both(t):  # one tensor under both names is refused, not silently picked
+        t["model.language_model.norm.weight"] = t["language_model.model.norm.weight"].clone()
+
+    with pytest.raises(CheckpointError, match="stored under two names"):
+        load_checkpoint(copy_with(src, tmp_path / "both", both))
+
+
 def test_missing_tensor_is_named(hf_checkpoint, tmp_path):
     name = "language_model.model.layers.1.self_attn.k_proj.bias"
     folder = copy_with(hf_checkpoint("gqa"), tmp_path / "ck", lambda t: t.pop(name))
-    with pytest.raises(CheckpointError, match=f"missing tensor {name}"):
+    with pytest.raises(CheckpointError, match=f"missing tensor {name} \\(expected shape \\[32\\]\\)$"):
+        load_checkpoint(folder)
+
+
+def test_other_layout_is_named_in_the_error(hf_checkpoint, tmp_path):
+    """A folder whose names follow some other layout: the error shows one of its names."""
+
+    def rename(t):
+        for k in list(t):
+            t["net." + k] = t.pop(k)
+
+    folder = copy_with(hf_checkpoint("gqa"), tmp_path / "ck", rename)
+    with pytest.raises(CheckpointError, match="missing tensor .*; the folder holds net\\..*, which this model"):
         load_checkpoint(folder)
 
 
@@ -158,6 +200,13 @@ def test_tied_embeddings_save_load_and_transformers(tmp_path):
     assert (
         headless.language_model.lm_head.weight is headless.language_model.model.embed_tokens.weight
     )
+    embedless = load_checkpoint(copy_with(tmp_path, tmp_path / "embedless",
+                                          lambda t: t.pop("language_model.model.embed_tokens.weight")))
+    assert embedless.language_model.lm_head.weight is embedless.language_model.model.embed_tokens.weight
+    assert torch.equal(embedless.language_model.lm_head.weight, model.language_model.lm_head.weight)
+    with pytest.raises(CheckpointError, match="missing tensor language_model.model.embed_tokens.weight"):
+        load_checkpoint(copy_with(tmp_path, tmp_path / "neither", lambda t: [
+            t.pop("language_model.model.embed_tokens.weight"), t.pop("language_model.lm_head.weight")]))
     ids = torch.tensor([[1, 5, 7, 200, 42]])
     hf = load_hf_model(tmp_path)
     with torch.no_grad():

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from lalm.errors import ConfigError, ContextLengthError
-from lalm.model import KVCache, decode_threads
+from lalm.model import KVCache, decode_attention, decode_threads
 
 
 @dataclass(frozen=True)
@@ -314,7 +314,8 @@ class DecodeState:
             return
         self.mask[:n, pos] = True  # the new token's own column
         head = self.model.language_model.lm_head.weight
-        with decode_threads(on=head.device.type == "cpu" and head.dtype == torch.float32):
+        with decode_threads(on=head.device.type == "cpu" and head.dtype == torch.float32), \
+                decode_attention(head.device):
             # the whole step, sampling included: a torch op on two threads here would wait on
             # OpenBLAS's spinning worker (a batch-1 step's logsumexp took ~10 ms instead of ~0.3)
             logits = self.model(self.last[:n, None], position_ids=self.next_pos[:n, None],

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lalm.config import AudioConfig, ModelConfig, TextConfig
 from lalm.errors import AudioError, ChatFormatError
@@ -213,6 +214,17 @@ def decode_threads(on: bool = True):
         yield True
     finally:
         torch.set_num_threads(n)
+
+
+def decode_attention(device: torch.device):
+    """SDPA backends for a decode step: on CUDA, any but cuDNN's. cuDNN's fused attention (which
+    torch prefers for bf16 on Hopper) plans each new key length, and a decode step's key length
+    grows every token: on an H200 it took 3.2 ms of CPU per call, 71% of a bf16 decode step, the
+    GPU idle meanwhile (torch 2.11; docs/benchmarks.md, run C1). Flash and memory-efficient
+    attention launch in microseconds."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def decode_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,12 @@ the released checkpoint's (spec section 2), which are our module names, so loadi
 one-to-one check: every tensor used, every shape right, or a CheckpointError naming the first
 that is not.
 
+transformers 5 holds Qwen2-Audio as `model.language_model.*`, `model.audio_tower.*`,
+`model.multi_modal_projector.*` and `lm_head.*` and renames to the released names when it saves,
+not always right: 5.24 writes the released names, 5.17 writes the decoder as
+`language_model.model.model.*` (seen on a GPU machine). Each such layout is read, renamed by
+`released_name`.
+
 Loading builds the model on the meta device (no memory, no random init) and then assigns the
 checkpoint's tensors in place one at a time, so a 7B model in bf16 needs its size in RAM once,
 not twice.
@@ -28,6 +34,23 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5_000_000_000  # transformers' default max_shard_size ("5GB")
 TIED_HEAD = "language_model.lm_head.weight"
+EMBED = "language_model.model.embed_tokens.weight"
+
+
+# transformers 5's in-memory prefixes -> the released checkpoint's (its conversion_mapping.py,
+# "qwen2_audio", read backwards), and 5.17's doubled "model.". No released name starts with
+# "model." or "lm_head." or holds "model.model.".
+_V5_PREFIXES = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                ("model.audio_tower.", "audio_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
+                ("language_model.model.model.", "language_model.model."))
+
+
+def released_name(name: str) -> str:
+    """The released checkpoint's name for a tensor stored under either layout."""
+    for new, old in _V5_PREFIXES:
+        if name.startswith(new):
+            return old + name[len(new):]
+    return name
 
 
 def checkpoint_files(path: str | Path) -> dict[str, Path]:
@@ -79,7 +102,9 @@ def _stored_shapes(files: dict[str, Path]) -> tuple[dict[str, tuple], torch.dtyp
                         f"{file}: the index says it holds tensor {name}, but it does not"
                     )
                 sl = f.get_slice(name)
-                shapes[name] = tuple(sl.get_shape())
+                if released_name(name) in shapes:
+                    raise CheckpointError(f"{file}: tensor {name} is stored under two names")
+                shapes[released_name(name)] = tuple(sl.get_shape())
                 if dtype is None:
                     dtype = _DTYPES.get(sl.get_dtype())
     return shapes, dtype
@@ -92,22 +117,24 @@ def check_tensors(
     expected: dict[str, tuple], stored: dict[str, tuple], where: Path, optional=()
 ) -> None:
     """Raise CheckpointError naming the first missing, misshapen or unexpected tensor."""
+    unexpected = [name for name in stored if name not in expected]
     for name, shape in expected.items():
         if name not in stored:
             if name in optional:
                 continue
-            raise CheckpointError(f"{where}: missing tensor {name} (expected shape {list(shape)})")
+            # A folder in another layout misses everything: show one of its own names.
+            also = f"; the folder holds {unexpected[0]}, which this model does not expect" if unexpected else ""
+            raise CheckpointError(f"{where}: missing tensor {name} (expected shape {list(shape)}){also}")
         if tuple(stored[name]) != tuple(shape):
             raise CheckpointError(
                 f"{where}: tensor {name} has shape {list(stored[name])}, "
                 f"the config needs {list(shape)}"
             )
-    for name, shape in stored.items():
-        if name not in expected:
-            raise CheckpointError(
-                f"{where}: unexpected tensor {name} (shape {list(shape)}); "
-                f"it is not part of this model"
-            )
+    for name in unexpected:
+        raise CheckpointError(
+            f"{where}: unexpected tensor {name} (shape {list(stored[name])}); "
+            f"it is not part of this model"
+        )
 
 
 def load_checkpoint(
@@ -131,7 +158,10 @@ def load_checkpoint(
         model = Qwen2AudioForConditionalGeneration(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     tied = config.text.tie_word_embeddings
-    check_tensors(expected, stored, path, optional=(TIED_HEAD,) if tied else ())
+    # Tied: either name may hold the one matrix (transformers keeps one of the two when it saves).
+    check_tensors(expected, stored, path, optional=(TIED_HEAD, EMBED) if tied else ())
+    if tied and EMBED not in stored and TIED_HEAD not in stored:
+        raise CheckpointError(f"{path}: missing tensor {EMBED} (the tied embedding and head)")
 
     state = {}
     by_file: dict[Path, list[str]] = {}
@@ -139,13 +169,15 @@ def load_checkpoint(
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
         with _open(file) as f:
-            for name in names:
-                if tied and name == TIED_HEAD:
+            for stored_name in names:
+                name = released_name(stored_name)
+                if tied and name == TIED_HEAD and EMBED in stored:
                     continue  # the head is the embedding; the embedding tensor wins, as in transformers
-                t = f.get_tensor(name)
+                t = f.get_tensor(stored_name)
                 state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     if tied:
-        state[TIED_HEAD] = state["language_model.model.embed_tokens.weight"]
+        state[EMBED] = state.get(EMBED, state.get(TIED_HEAD))
+        state[TIED_HEAD] = state[EMBED]
     # assign=True puts the loaded tensors in place of the meta ones (no second copy).
     model.load_state_dict(state, strict=True, assign=True)
     if tied:  # assign replaced the shared Parameter by two; share again

@@ -169,7 +169,7 @@ def load_hf_state(model: torch.nn.Module, folder: Path) -> None:
     for file in sorted(set(files.values())):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                state[name] = f.get_tensor(name)
+                state[weights.released_name(name)] = f.get_tensor(name)
     own = model.state_dict()
     if model.config.text.tie_word_embeddings:
         state.setdefault(weights.TIED_HEAD, state.get("language_model.model.embed_tokens.weight"))
