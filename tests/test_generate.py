@@ -169,6 +169,23 @@ def test_one_thread_decode_through_numpy_blas_keeps_parity(tiny, hf):
     assert [b.token_ids for b in batched] == ref
 
 
+def test_batched_decode_runs_through_the_kernel_and_keeps_parity(tiny, hf, monkeypatch):
+    """CPU fp32 decode steps of 2-16 rows multiply through lalm.kernels (where it builds):
+    every GEMM of every step (4 per layer and the head), and the greedy ids still equal
+    transformers'."""
+    from lalm import kernels
+
+    if kernels.decode_gemm_fn() is None:
+        pytest.skip("no AVX2 + FMA CPU or no C compiler here")
+    rows, real = [], kernels.decode_gemm
+    monkeypatch.setattr(kernels, "decode_gemm", lambda x, panels: rows.append(x.shape[0]) or real(x, panels))
+    convs = [CONVERSATIONS[k] for k in ["two_audios", "text_only", "voice_only"]]
+    batched = tiny.generate(convs, max_new_tokens=N_NEW, min_new_tokens=N_NEW, temperature=0)
+    assert [b.token_ids for b in batched] == hf_generate(hf, tiny, convs, max_new_tokens=N_NEW, min_new_tokens=N_NEW)
+    layers = len(tiny.model.language_model.model.layers)
+    assert rows == [3] * ((N_NEW - 1) * (4 * layers + 1))
+
+
 def test_decode_steps_run_torch_on_one_thread_and_openblas_on_the_rest(tiny):
     """model.decode_threads: during a CPU fp32 decode step torch runs one thread and numpy's
     OpenBLAS (the step's GEMMs) as many as torch had; prefill keeps torch's threads; torch's

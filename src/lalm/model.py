@@ -24,6 +24,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lalm import kernels
 from lalm.config import AudioConfig, ModelConfig, TextConfig
 from lalm.errors import AudioError, ChatFormatError
 
@@ -203,12 +204,13 @@ def decode_threads(on: bool = True):
     here also keeps a one-thread run (e.g. `lalm serve --threads 1`) on one core.
     """
     blas = numpy_openblas() if on else None
-    if blas is None:
+    if blas is None and not (on and kernels.decode_gemm_fn() is not None):
         yield False
         return
     n = torch.get_num_threads()
-    if blas.num_threads != n:
+    if blas is not None and blas.num_threads != n:
         blas.set_num_threads(n)
+    kernels.set_threads(n)  # our own few-row kernel (`decode_gemm` with panels)
     torch.set_num_threads(1)
     try:
         yield True
@@ -227,9 +229,10 @@ def decode_attention(device: torch.device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def decode_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (M, in) @ w (in, out) for a decode step: numpy's OpenBLAS for fp32 on CPU inside
-    `decode_threads`, torch elsewhere.
+def decode_gemm(x: torch.Tensor, w: torch.Tensor, panels: kernels.Panels | None = None) -> torch.Tensor:
+    """x (M, in) @ w (in, out) for a decode step: for fp32 on CPU inside `decode_threads`, our own
+    kernel (`lalm.kernels`) for 2-16 rows when `use_decode_layout` packed w into `panels`, else
+    numpy's OpenBLAS; torch elsewhere.
 
     Why: the MKL inside torch's x86 wheel runs few-row fp32 GEMMs at a fraction of the pace of
     the OpenBLAS inside numpy's wheel on AMD CPUs (this project's: EPYC, AVX2). Streaming a
@@ -237,22 +240,21 @@ def decode_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     OpenBLAS at 2 threads (564 vs 383 ms at 1); one row about equal at 1 (bench/decode_gemm.py).
     The arrays share the tensors' memory: no copies. Only without gradients (decode steps).
     """
-    if (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32 == w.dtype
-        and torch.get_num_threads() == 1
-        and numpy_openblas() is not None
-    ):
+    cpu_fp32_decode = x.device.type == "cpu" and x.dtype == torch.float32 == w.dtype and torch.get_num_threads() == 1
+    if (cpu_fp32_decode and panels is not None and kernels.MIN_ROWS <= x.shape[0] <= kernels.MAX_ROWS
+            and panels.fresh(w) and not torch.is_grad_enabled()):
+        return kernels.decode_gemm(x, panels)
+    if cpu_fp32_decode and numpy_openblas() is not None:
         return torch.from_numpy(np.matmul(x.detach().numpy(), w.detach().numpy()))
     return x @ w
 
 
-def decode_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def decode_linear(layer: nn.Module, x: torch.Tensor, panels: kernels.Panels | None = None) -> torch.Tensor:
     """layer(x) for decode rows x (B, 1, in), through `decode_gemm` when layer is a plain Linear and
     no gradient is wanted; the layer's own call otherwise (LoRA wrappers, training)."""
     if type(layer) is not nn.Linear or torch.is_grad_enabled():
         return layer(x)
-    y = decode_gemm(x.reshape(-1, x.shape[-1]), layer.weight.t())
+    y = decode_gemm(x.reshape(-1, x.shape[-1]), layer.weight.t(), panels)
     if layer.bias is not None:
         y += layer.bias
     return y.view(*x.shape[:-1], -1)
@@ -275,6 +277,18 @@ def fused_weight(linears: tuple[nn.Module, ...]) -> torch.Tensor | None:
             return None
         address += w.shape[0] * size
     return ws[0].detach().as_strided((ws[0].shape[1], total), (total, 1))
+
+
+def decode_panels(old: kernels.Panels | None, linears: tuple[nn.Module, ...]) -> kernels.Panels | None:
+    """The decode kernel's copy of these Linears' weight (fused when `use_decode_layout` stored
+    them side by side): `old` while it is still a copy of the current values, else a new one;
+    None for a wrapper such as LoRA (its decode GEMMs stay on its own forward). Without gradients."""
+    if any(type(m) is not nn.Linear for m in linears):
+        return None
+    w = fused_weight(linears) if len(linears) > 1 else linears[0].weight.detach().t()  # (in, out)
+    if w is None:
+        return None
+    return old if old is not None and old.fresh(w) else kernels.Panels.pack(w.t())
 
 
 def fused_bias(linears: tuple[nn.Module, ...]) -> torch.Tensor:
@@ -346,6 +360,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(
             c.num_attention_heads * c.head_dim, c.hidden_size, bias=False
         )  # o does not
+        # Decode-kernel copies of q|k|v and o (`use_decode_layout`); not parameters, not saved.
+        self.qkv_panels: kernels.Panels | None = None
+        self.o_panels: kernels.Panels | None = None
 
     def forward(
         self, x, cos, sin, mask, kv: tuple | None, cache_pos, n_keys: int, q_from: int = 0
@@ -366,7 +383,7 @@ class Attention(nn.Module):
         elif T == 1 and (w := fused_weight(projections)) is not None:
             # One GEMM for q|k|v, one RoPE for q|k: a decode step is op-bound beside its weight
             # reads.
-            qkv = decode_gemm(x.reshape(B, -1), w)  # (B, (H + 2 Hkv) D), a new tensor
+            qkv = decode_gemm(x.reshape(B, -1), w, self.qkv_panels)  # (B, (H + 2 Hkv) D), a new tensor
             qkv += fused_bias(projections)
             qk = apply_rope(qkv[:, : (H + Hkv) * D].view(B, H + Hkv, 1, D), cos, sin)
             q, k, v = qk[:, :H], qk[:, H:], qkv[:, (H + Hkv) * D:].view(B, Hkv, 1, D)
@@ -389,7 +406,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q.reshape(B, self.num_kv_heads, groups, self.head_dim), k, v, attn_mask=mask
             )  # (B, Hkv, groups, D)
-            return decode_linear(self.o_proj, out.reshape(B, 1, -1))
+            return decode_linear(self.o_proj, out.reshape(B, 1, -1), self.o_panels)
         if groups > 1 and mask is not None:
             # Fused GQA kernels take no arbitrary mask; expand K/V as transformers' repeat_kv does.
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -402,7 +419,7 @@ class Attention(nn.Module):
             enable_gqa=k.shape[1] != q.shape[1],
         )  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, -1)
-        return decode_linear(self.o_proj, out) if T == 1 else self.o_proj(out)
+        return decode_linear(self.o_proj, out, self.o_panels) if T == 1 else self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -411,12 +428,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.gate_up_panels: kernels.Panels | None = None  # decode-kernel copies (`use_decode_layout`)
+        self.down_panels: kernels.Panels | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (B, T, hidden)
         if x.shape[1] == 1 and (w := fused_weight((self.gate_proj, self.up_proj))) is not None:
-            gate, up = decode_gemm(x.reshape(x.shape[0], -1), w).view(*x.shape[:-1], -1).chunk(2, -1)
-            return decode_linear(self.down_proj, F.silu(gate) * up)  # SwiGLU
+            gate, up = decode_gemm(x.reshape(x.shape[0], -1), w, self.gate_up_panels).view(*x.shape[:-1], -1).chunk(2, -1)
+            return decode_linear(self.down_proj, F.silu(gate) * up, self.down_panels)  # SwiGLU
         gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
@@ -449,6 +468,7 @@ class Qwen2ForCausalLM(nn.Module):
         super().__init__()
         self.model = Qwen2Model(c)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.head_panels: kernels.Panels | None = None  # decode-kernel copy (`use_decode_layout`)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -530,6 +550,18 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
                     if b is not None:  # q|k|v biases end to end too (`fused_bias`)
                         m.bias.data = b[start: start + m.out_features]
                     start += m.out_features
+            if kernels.decode_gemm_fn() is None:
+                return
+            # Copies for our decode kernel (2-16 rows): one more copy of the decoder's weights
+            # in memory, for GEMMs ~1.6-2.2x faster than OpenBLAS at those rows (lalm.kernels).
+            lm = self.language_model
+            for layer in lm.model.layers:
+                a, m = layer.self_attn, layer.mlp
+                a.qkv_panels = decode_panels(a.qkv_panels, (a.q_proj, a.k_proj, a.v_proj))
+                a.o_panels = decode_panels(a.o_panels, (a.o_proj,))
+                m.gate_up_panels = decode_panels(m.gate_up_panels, (m.gate_proj, m.up_proj))
+                m.down_panels = decode_panels(m.down_panels, (m.down_proj,))
+            lm.head_panels = decode_panels(lm.head_panels, (head,))
 
     def encode_audio(self, mel: torch.Tensor, mel_frames: torch.Tensor) -> torch.Tensor:
         """mel (A, n_mels, F), mel_frames (A,) -> (sum N_i, hidden): window i's N_i vectors, in order."""
@@ -682,5 +714,5 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
             rows_from,
         )
         if h.shape[1] == 1 and cache is not None:  # a decode step (or a prefill's last row)
-            return decode_linear(self.language_model.lm_head, h)
+            return decode_linear(self.language_model.lm_head, h, self.language_model.head_panels)
         return self.language_model.lm_head(h)

@@ -1,0 +1,110 @@
+"""CPU kernels of our own, compiled on first use with the system's C compiler.
+
+One so far: `decode_gemm.c`, the few-row fp32 GEMM of a CPU decode step (why ours: see the file).
+It is built once per source version into `$LALM_HOME/kernels` (default ~/.cache/lalm/kernels;
+~0.5 s with gcc) and loaded with ctypes: no build step at install, no Python headers, a wheel
+that stays pure Python. Where it cannot be had (a CPU without AVX2 and FMA, no C compiler, a
+failed build, or `LALM_KERNELS=0`) `decode_gemm_fn()` is None and decode steps keep numpy's
+OpenBLAS, which is correct, only slower for 2-16 rows.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("decode_gemm.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+MIN_ROWS, MAX_ROWS = 2, 16  # one row: OpenBLAS's GEMV already streams at the memory's rate
+
+_fn: list = []  # [the ctypes function or None], resolved once per process
+_lock = threading.Lock()
+_threads = [1]  # OpenMP threads per call, set by model.decode_threads
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LALM_HOME") or Path.home() / ".cache" / "lalm").expanduser() / "kernels"
+
+
+def decode_gemm_fn():
+    """The compiled `lalm_decode_gemm`, or None where it cannot be had (module docstring)."""
+    with _lock:
+        if not _fn:
+            _fn.append(_load())
+        return _fn[0]
+
+
+def _load():
+    if os.environ.get("LALM_KERNELS", "1") == "0":
+        return None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    lib = cache_dir() / f"decode_gemm-{tag}.so"
+    try:
+        if not lib.exists():
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+                out = Path(tmp) / lib.name
+                subprocess.run([os.environ.get("CC", "cc"), *FLAGS, str(SOURCE), "-o", str(out)],
+                               check=True, capture_output=True, timeout=120)
+                os.replace(out, lib)  # atomic: a concurrent process never loads a half-written file
+        fn = ctypes.CDLL(str(lib)).lalm_decode_gemm
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        warnings.warn(f"lalm: the CPU decode kernel could not be built or loaded ({e} {detail.decode()[-300:]}); "
+                      f"decode steps use numpy's OpenBLAS", stacklevel=2)
+        return None
+    fn.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+    fn.restype = None
+    return fn
+
+
+def set_threads(n: int) -> None:
+    _threads[0] = max(1, n)
+
+
+@dataclass
+class Panels:
+    """A weight (N, K) packed for the kernel: data (ceil(N/8), K, 8), panels of 8 output columns
+    (zero rows pad N), and what it was packed from, so a later in-place change of that weight (an
+    optimizer step after generating) is seen and the stale copy is not used."""
+
+    data: torch.Tensor
+    n: int
+    source_ptr: int
+    source_version: int
+
+    @classmethod
+    def pack(cls, w: torch.Tensor) -> Panels:
+        """w (N, K), any strides (e.g. the (in, out) view `use_decode_layout` makes, transposed)."""
+        N, K = w.shape
+        P = -(-N // 8)
+        with torch.no_grad():
+            padded = torch.cat([w, w.new_zeros(P * 8 - N, K)]) if P * 8 != N else w
+            data = padded.reshape(P, 8, K).transpose(1, 2).contiguous()  # (P, K, 8)
+        # _version is torch's in-place write counter, shared by a tensor and all its views.
+        return cls(data, N, w.data_ptr(), w._version)
+
+    def fresh(self, w: torch.Tensor) -> bool:
+        return w.data_ptr() == self.source_ptr and w._version == self.source_version
+
+
+def decode_gemm(x: torch.Tensor, panels: Panels) -> torch.Tensor:
+    """x (M, K) fp32 on CPU -> (M, N) = x @ W^T through the kernel (decode_gemm_fn() must not be None)."""
+    x = x.contiguous()
+    M, K = x.shape
+    P = panels.data.shape[0]
+    y = torch.empty(M, P * 8, dtype=torch.float32)
+    decode_gemm_fn()(M, K, P * 8, x.data_ptr(), panels.data.data_ptr(), y.data_ptr(), _threads[0])
+    return y if P * 8 == panels.n else y[:, : panels.n].contiguous()
