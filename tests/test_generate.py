@@ -170,7 +170,7 @@ def test_one_thread_decode_through_numpy_blas_keeps_parity(tiny, hf):
 
 
 def test_batched_decode_runs_through_the_kernel_and_keeps_parity(tiny, hf, monkeypatch):
-    """CPU fp32 decode steps of 2-16 rows multiply through lalm.kernels (where it builds):
+    """CPU fp32 decode steps of up to 16 rows multiply through lalm.kernels (where it builds):
     every GEMM of every step (4 per layer and the head), and the greedy ids still equal
     transformers'."""
     from lalm import kernels

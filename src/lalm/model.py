@@ -231,7 +231,7 @@ def decode_attention(device: torch.device):
 
 def decode_gemm(x: torch.Tensor, w: torch.Tensor, panels: kernels.Panels | None = None) -> torch.Tensor:
     """x (M, in) @ w (in, out) for a decode step: for fp32 on CPU inside `decode_threads`, our own
-    kernel (`lalm.kernels`) for 2-16 rows when `use_decode_layout` packed w into `panels`, else
+    kernel (`lalm.kernels`) for up to 16 rows when `use_decode_layout` packed w into `panels`, else
     numpy's OpenBLAS; torch elsewhere.
 
     Why: the MKL inside torch's x86 wheel runs few-row fp32 GEMMs at a fraction of the pace of
@@ -241,7 +241,7 @@ def decode_gemm(x: torch.Tensor, w: torch.Tensor, panels: kernels.Panels | None 
     The arrays share the tensors' memory: no copies. Only without gradients (decode steps).
     """
     cpu_fp32_decode = x.device.type == "cpu" and x.dtype == torch.float32 == w.dtype and torch.get_num_threads() == 1
-    if (cpu_fp32_decode and panels is not None and kernels.MIN_ROWS <= x.shape[0] <= kernels.MAX_ROWS
+    if (cpu_fp32_decode and panels is not None and x.shape[0] <= kernels.MAX_ROWS
             and panels.fresh(w) and not torch.is_grad_enabled()):
         return kernels.decode_gemm(x, panels)
     if cpu_fp32_decode and numpy_openblas() is not None:
@@ -552,7 +552,7 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
                     start += m.out_features
             if kernels.decode_gemm_fn() is None:
                 return
-            # Copies for our decode kernel (2-16 rows): one more copy of the decoder's weights
+            # Copies for our decode kernel (1-16 rows): one more copy of the decoder's weights
             # in memory, for GEMMs ~1.6-2.2x faster than OpenBLAS at those rows (lalm.kernels).
             lm = self.language_model
             for layer in lm.model.layers:

@@ -5,7 +5,8 @@ It is built once per source version into `$LALM_HOME/kernels` (default ~/.cache/
 ~0.5 s with gcc) and loaded with ctypes: no build step at install, no Python headers, a wheel
 that stays pure Python. Where it cannot be had (a CPU without AVX2 and FMA, no C compiler, a
 failed build, or `LALM_KERNELS=0`) `decode_gemm_fn()` is None and decode steps keep numpy's
-OpenBLAS, which is correct, only slower for 2-16 rows.
+OpenBLAS, which is correct, only slower for 2-16 rows (and rounds a row differently
+with other batch sizes).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import torch
 
 SOURCE = Path(__file__).with_name("decode_gemm.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
-MIN_ROWS, MAX_ROWS = 2, 16  # one row: OpenBLAS's GEMV already streams at the memory's rate
+# Up to 16 rows (beyond, each block of 8 rows streams the weights again). One row runs as fast as
+# OpenBLAS's and keeps a row's decode-step results independent of its batch size.
+MAX_ROWS = 16
 
 _fn: list = []  # [the ctypes function or None], resolved once per process
 _lock = threading.Lock()
