@@ -7,7 +7,7 @@ A decode step's GEMMs for the issue-3 mid-size config (24 layers, 896 wide, 2 KV
 ffn 4864, tied LM head over 151,936 ids; ~2 GB of fp32 weights, so they stream from memory, not
 cache), weights stored (in, out) as `use_decode_layout` keeps them, at 1 and 8 rows, the two
 libraries alternating, 5 steps each; our kernel reads the same weights packed into its panels.
-Why `model.decode_gemm` calls our kernel for decode steps of up to 16 rows.
+Why `decode_ops.decode_gemm` calls our kernel for decode steps of up to 16 rows.
 """
 
 from __future__ import annotations

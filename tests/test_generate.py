@@ -151,7 +151,7 @@ def test_batch_of_three_mixed_lengths(tiny, hf):
 def test_one_thread_decode_through_numpy_blas_keeps_parity(tiny, hf):
     """With one torch thread, decode-step GEMMs go through numpy's BLAS (model.decode_gemm): the
     batched greedy ids must still equal transformers'."""
-    from lalm.model import decode_gemm
+    from lalm.decode_ops import decode_gemm
 
     names = ["two_audios", "text_only", "voice_only"]
     convs = [CONVERSATIONS[k] for k in names]
@@ -190,7 +190,7 @@ def test_decode_steps_run_torch_on_one_thread_and_openblas_on_the_rest(tiny):
     """model.decode_threads: during a CPU fp32 decode step torch runs one thread and numpy's
     OpenBLAS (the step's GEMMs) as many as torch had; prefill keeps torch's threads; torch's
     count is restored after."""
-    from lalm.model import numpy_openblas
+    from lalm.decode_ops import numpy_openblas
 
     blas = numpy_openblas()
     assert blas is not None  # numpy's wheels bundle OpenBLAS

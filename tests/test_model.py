@@ -22,8 +22,9 @@ from hf_reference import (
     whisper_features,
 )
 
+from lalm.decode_ops import fused_bias, fused_weight
 from lalm.errors import AudioError, ChatFormatError
-from lalm.model import KVCache, fused_bias, fused_weight, num_audio_tokens
+from lalm.model import KVCache, num_audio_tokens
 
 TOL = 1e-4
 

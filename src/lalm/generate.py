@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
+from lalm.decode_ops import decode_attention, decode_threads
 from lalm.errors import ConfigError, ContextLengthError
-from lalm.model import KVCache, decode_attention, decode_threads
+from lalm.model import KVCache
 
 
 @dataclass(frozen=True)

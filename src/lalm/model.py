@@ -15,17 +15,14 @@ costs ~300 frames instead of 3000 and gives the reference's numbers.
 
 from __future__ import annotations
 
-import contextlib
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lalm import kernels
 from lalm.config import AudioConfig, ModelConfig, TextConfig
+from lalm.decode_ops import decode_gemm, decode_linear, decode_panels, fused_bias, fused_weight
 from lalm.errors import AudioError, ChatFormatError
 
 MAX_MEL_FRAMES = 3000  # 30 s at 100 frames/s: the encoder's position table covers no more
@@ -173,134 +170,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
-
-
-_numpy_openblas: list = []  # [numpy's OpenBLAS (a threadpoolctl controller) or None], found once
-
-
-def numpy_openblas():
-    """numpy's OpenBLAS, to size its thread pool at run time, or None when numpy links another
-    BLAS. threadpoolctl is the maintained way to reach a loaded OpenBLAS's set_num_threads."""
-    if not _numpy_openblas:
-        from threadpoolctl import ThreadpoolController
-
-        libs = ThreadpoolController().select(internal_api="openblas").lib_controllers
-        libs = [lib for lib in libs if "numpy" in lib.filepath or "scipy_openblas" in lib.filepath]
-        _numpy_openblas.append(libs[0] if libs else None)
-    return _numpy_openblas[0]
-
-
-@contextlib.contextmanager
-def decode_threads(on: bool = True):
-    """Threads for one fp32 CPU decode step: torch's ops on one thread, numpy's OpenBLAS (which
-    runs the step's GEMMs, `decode_gemm`) on as many threads as torch had.
-
-    Why: a decode step is ~95% few-row GEMMs that stream the weights; the rest (norms, RoPE,
-    attention over B x S) is too small to gain from a second thread. With torch's OpenMP workers
-    and OpenBLAS's threads both live, each pool spins while the other works, and a 2-thread step
-    ran at half the one-thread speed; with torch on one thread and the GEMMs on OpenBLAS's two,
-    a 24-layer 896-wide decoder decodes batch 1 at 5.6 tok/s and batch 8 at 27.0 (with the decode
-    GEMMs left on MKL at 2 threads: 5.7 and 13.2; docs/benchmarks.md, runs G). Sizing OpenBLAS
-    here also keeps a one-thread run (e.g. `lalm serve --threads 1`) on one core.
-    """
-    blas = numpy_openblas() if on else None
-    if blas is None and not (on and kernels.decode_gemm_fn() is not None):
-        yield False
-        return
-    n = torch.get_num_threads()
-    if blas is not None and blas.num_threads != n:
-        blas.set_num_threads(n)
-    kernels.set_threads(n)  # our own few-row kernel (`decode_gemm` with panels)
-    torch.set_num_threads(1)
-    try:
-        yield True
-    finally:
-        torch.set_num_threads(n)
-
-
-def decode_attention(device: torch.device):
-    """SDPA backends for a decode step: on CUDA, any but cuDNN's. cuDNN's fused attention (which
-    torch prefers for bf16 on Hopper) plans each new key length, and a decode step's key length
-    grows every token: on an H200 it took 3.2 ms of CPU per call, 71% of a bf16 decode step, the
-    GPU idle meanwhile (torch 2.11; docs/benchmarks.md, run C1). Flash and memory-efficient
-    attention launch in microseconds."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-def decode_gemm(x: torch.Tensor, w: torch.Tensor, panels: kernels.Panels | None = None) -> torch.Tensor:
-    """x (M, in) @ w (in, out) for a decode step: for fp32 on CPU inside `decode_threads`, our own
-    kernel (`lalm.kernels`) for up to 16 rows when `use_decode_layout` packed w into `panels`, else
-    numpy's OpenBLAS; torch elsewhere.
-
-    Why: the MKL inside torch's x86 wheel runs few-row fp32 GEMMs at a fraction of the pace of
-    the OpenBLAS inside numpy's wheel on AMD CPUs (this project's: EPYC, AVX2). Streaming a
-    24-layer, 896-wide decoder's 2 GB of weights for 8 rows took 630 ms with MKL and 258 ms with
-    OpenBLAS at 2 threads (564 vs 383 ms at 1); one row about equal at 1 (bench/decode_gemm.py).
-    The arrays share the tensors' memory: no copies. Only without gradients (decode steps).
-    """
-    cpu_fp32_decode = x.device.type == "cpu" and x.dtype == torch.float32 == w.dtype and torch.get_num_threads() == 1
-    if (cpu_fp32_decode and panels is not None and x.shape[0] <= kernels.MAX_ROWS
-            and panels.fresh(w) and not torch.is_grad_enabled()):
-        return kernels.decode_gemm(x, panels)
-    if cpu_fp32_decode and numpy_openblas() is not None:
-        return torch.from_numpy(np.matmul(x.detach().numpy(), w.detach().numpy()))
-    return x @ w
-
-
-def decode_linear(layer: nn.Module, x: torch.Tensor, panels: kernels.Panels | None = None) -> torch.Tensor:
-    """layer(x) for decode rows x (B, 1, in), through `decode_gemm` when layer is a plain Linear and
-    no gradient is wanted; the layer's own call otherwise (LoRA wrappers, training)."""
-    if type(layer) is not nn.Linear or torch.is_grad_enabled():
-        return layer(x)
-    y = decode_gemm(x.reshape(-1, x.shape[-1]), layer.weight.t(), panels)
-    if layer.bias is not None:
-        y += layer.bias
-    return y.view(*x.shape[:-1], -1)
-
-
-def fused_weight(linears: tuple[nn.Module, ...]) -> torch.Tensor | None:
-    """(in, sum of outs): these Linear weights side by side in one tensor, when
-    `use_decode_layout` stored them that way and no gradient is wanted, so one GEMM computes all
-    the projections of one input; None otherwise (another layout, a wrapper such as LoRA, training).
-    """
-    if torch.is_grad_enabled() or any(type(m) is not nn.Linear for m in linears):
-        return None
-    ws = [m.weight for m in linears]
-    total = sum(w.shape[0] for w in ws)
-    address, size = ws[0].data_ptr(), ws[0].element_size()
-    for w in ws:  # column blocks of one (in, total) row-major tensor, in order
-        # An address inside the first block's extent is inside its storage (allocations do not
-        # overlap), and as_strided checks the bounds: cheap tests, run every decode step.
-        if w.stride() != (1, total) or w.data_ptr() != address:
-            return None
-        address += w.shape[0] * size
-    return ws[0].detach().as_strided((ws[0].shape[1], total), (total, 1))
-
-
-def decode_panels(old: kernels.Panels | None, linears: tuple[nn.Module, ...]) -> kernels.Panels | None:
-    """The decode kernel's copy of these Linears' weight (fused when `use_decode_layout` stored
-    them side by side): `old` while it is still a copy of the current values, else a new one;
-    None for a wrapper such as LoRA (its decode GEMMs stay on its own forward). Without gradients."""
-    if any(type(m) is not nn.Linear for m in linears):
-        return None
-    w = fused_weight(linears) if len(linears) > 1 else linears[0].weight.detach().t()  # (in, out)
-    if w is None:
-        return None
-    return old if old is not None and old.fresh(w) else kernels.Panels.pack(w.t())
-
-
-def fused_bias(linears: tuple[nn.Module, ...]) -> torch.Tensor:
-    """(sum of outs,): these Linear biases end to end, as a view when `use_decode_layout` stored
-    them in one tensor (no copy per decode step), else concatenated."""
-    bs = [m.bias for m in linears]
-    address, size = bs[0].data_ptr(), bs[0].element_size()
-    for b in bs:
-        if b.stride() != (1,) or b.data_ptr() != address:
-            return torch.cat(bs)
-        address += b.shape[0] * size
-    return bs[0].detach().as_strided((sum(b.shape[0] for b in bs),), (1,))
 
 
 class KVCache:

@@ -31,7 +31,7 @@ MAX_ROWS = 16
 
 _fn: list = []  # [the ctypes function or None], resolved once per process
 _lock = threading.Lock()
-_threads = [1]  # OpenMP threads per call, set by model.decode_threads
+_threads = [1]  # OpenMP threads per call, set by decode_ops.decode_threads
 
 
 def cache_dir() -> Path:
