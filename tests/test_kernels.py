@@ -33,6 +33,22 @@ def test_equals_matmul(M, N, K):
 
 
 @needs_kernel
+@pytest.mark.parametrize("M", [1, 3, 8, 16])
+def test_bf16_weights_widen_exactly(M):
+    """bf16 weights and activations: fp32 arithmetic over the exact bf16 values, one rounding to
+    bf16 at the end."""
+    g = torch.Generator().manual_seed(M)
+    x, w = torch.randn(M, 72, generator=g).bfloat16(), torch.randn(44, 72, generator=g).bfloat16()
+    p = kernels.Panels.pack(w)
+    assert p.data.dtype == torch.bfloat16
+    y = kernels.decode_gemm(x, p)
+    assert y.dtype == torch.bfloat16 and y.shape == (M, 44)
+    ref = x.float() @ w.float().T
+    torch.testing.assert_close(y.float(), ref, rtol=8e-3, atol=1e-3)
+    assert torch.equal(y, kernels.decode_gemm(x.float(), p).bfloat16())  # same fp32 sums, rounded once
+
+
+@needs_kernel
 def test_a_row_does_not_depend_on_its_batch():
     """Each output is accumulated over k in one order whatever M is: bit-identical rows."""
     g = torch.Generator().manual_seed(0)

@@ -74,9 +74,9 @@ def decode_attention(device: torch.device):
 
 
 def decode_gemm(x: torch.Tensor, w: torch.Tensor, panels: kernels.Panels | None = None) -> torch.Tensor:
-    """x (M, in) @ w (in, out) for a decode step: for fp32 on CPU inside `decode_threads`, our own
-    kernel (`lalm.kernels`) for up to 16 rows when `use_decode_layout` packed w into `panels`, else
-    numpy's OpenBLAS; torch elsewhere.
+    """x (M, in) @ w (in, out) for a decode step on CPU inside `decode_threads`: our own kernel
+    (`lalm.kernels`, fp32 or bf16) for up to 16 rows when `use_decode_layout` packed w into
+    `panels`, else numpy's OpenBLAS for fp32; torch elsewhere.
 
     Why: the MKL inside torch's x86 wheel runs few-row fp32 GEMMs at a fraction of the pace of
     the OpenBLAS inside numpy's wheel on AMD CPUs (this project's: EPYC, AVX2). Streaming a
@@ -84,11 +84,11 @@ def decode_gemm(x: torch.Tensor, w: torch.Tensor, panels: kernels.Panels | None 
     OpenBLAS at 2 threads (564 vs 383 ms at 1); one row about equal at 1 (bench/decode_gemm.py).
     The arrays share the tensors' memory: no copies. Only without gradients (decode steps).
     """
-    cpu_fp32_decode = x.device.type == "cpu" and x.dtype == torch.float32 == w.dtype and torch.get_num_threads() == 1
-    if (cpu_fp32_decode and panels is not None and x.shape[0] <= kernels.MAX_ROWS
+    cpu_decode = x.device.type == "cpu" and x.dtype == w.dtype and torch.get_num_threads() == 1
+    if (cpu_decode and panels is not None and x.shape[0] <= kernels.MAX_ROWS
             and panels.fresh(w) and not torch.is_grad_enabled()):
-        return kernels.decode_gemm(x, panels)
-    if cpu_fp32_decode and numpy_openblas() is not None:
+        return kernels.decode_gemm(x, panels)  # fp32 or bf16
+    if cpu_decode and x.dtype == torch.float32 and numpy_openblas() is not None:
         return torch.from_numpy(np.matmul(x.detach().numpy(), w.detach().numpy()))
     return x @ w
 
@@ -104,6 +104,13 @@ def decode_linear(layer: nn.Module, x: torch.Tensor, panels: kernels.Panels | No
     return y.view(*x.shape[:-1], -1)
 
 
+def cpu_decode_path(weight: torch.Tensor) -> bool:
+    """Whether decode steps with this dtype and device take the CPU path (`decode_threads`,
+    `decode_gemm`): fp32, or bf16 where our kernel is built (bf16 has no BLAS path of its own)."""
+    return weight.device.type == "cpu" and (
+        weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and kernels.decode_gemm_fn() is not None))
+
+
 def fused_weight(linears: tuple[nn.Module, ...]) -> torch.Tensor | None:
     """(in, sum of outs): these Linear weights side by side in one tensor, when
     `use_decode_layout` stored them that way and no gradient is wanted, so one GEMM computes all
@@ -112,15 +119,17 @@ def fused_weight(linears: tuple[nn.Module, ...]) -> torch.Tensor | None:
     if torch.is_grad_enabled() or any(type(m) is not nn.Linear for m in linears):
         return None
     ws = [m.weight for m in linears]
-    total = sum(w.shape[0] for w in ws)
+    total, k = sum(w.shape[0] for w in ws), ws[0].shape[1]
+    # fp32: column blocks of one (in, total) row-major tensor; bf16: row blocks of one (total, in).
+    by_rows = ws[0].stride() == (k, 1)
     address, size = ws[0].data_ptr(), ws[0].element_size()
-    for w in ws:  # column blocks of one (in, total) row-major tensor, in order
-        # An address inside the first block's extent is inside its storage (allocations do not
-        # overlap), and as_strided checks the bounds: cheap tests, run every decode step.
-        if w.stride() != (1, total) or w.data_ptr() != address:
+    storage = ws[0].untyped_storage().data_ptr()
+    for w in ws:  # in order, end to end, in one storage (separate weights can be adjacent too)
+        if (w.stride() != ((k, 1) if by_rows else (1, total)) or w.data_ptr() != address
+                or w.untyped_storage().data_ptr() != storage):
             return None
-        address += w.shape[0] * size
-    return ws[0].detach().as_strided((ws[0].shape[1], total), (total, 1))
+        address += (w.numel() if by_rows else w.shape[0]) * size  # next rows / next columns
+    return ws[0].detach().as_strided((k, total), (1, k) if by_rows else (total, 1))
 
 
 def decode_panels(old: kernels.Panels | None, linears: tuple[nn.Module, ...]) -> kernels.Panels | None:

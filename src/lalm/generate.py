@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from lalm.decode_ops import decode_attention, decode_threads
+from lalm.decode_ops import cpu_decode_path, decode_attention, decode_threads
 from lalm.errors import ConfigError, ContextLengthError
 from lalm.model import KVCache
 
@@ -315,7 +315,7 @@ class DecodeState:
             return
         self.mask[:n, pos] = True  # the new token's own column
         head = self.model.language_model.lm_head.weight
-        with decode_threads(on=head.device.type == "cpu" and head.dtype == torch.float32), \
+        with decode_threads(on=cpu_decode_path(head)), \
                 decode_attention(head.device):
             # the whole step, sampling included: a torch op on two threads here would wait on
             # OpenBLAS's spinning worker (a batch-1 step's logsumexp took ~10 ms instead of ~0.3)

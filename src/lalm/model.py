@@ -381,7 +381,10 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         """Store the decoder's widening projections transposed in memory, q/k/v side by side and
         gate/up side by side, so a one-row decode step reads each weight fast and runs one GEMM
         per group (`fused_weight`). Same parameter names, shapes and values (the parameters become
-        views); idempotent; fp32 on CPU only; the LM head stays as stored when tied.
+        views); idempotent; CPU only; the LM head stays as stored when tied. In bf16 (where our
+        decode kernel is built: lalm.kernels) the groups are stored row after row instead, each
+        weight still contiguous (out, in), for the kernel's fused GEMMs; and in both dtypes the
+        kernel gets its packed copies (`decode_panels`).
 
         Why: a decode step is one- to few-row GEMMs that stream every weight once, and on CPU (MKL,
         fp32) `x @ W.t()` reads W about 1.3x faster when W.t() is the contiguous operand (measured
@@ -394,7 +397,9 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         contiguous copies).
         """
         head = self.language_model.lm_head
-        if head.weight.device.type != "cpu" or head.weight.dtype != torch.float32:
+        fp32 = head.weight.dtype == torch.float32
+        if head.weight.device.type != "cpu" or not (fp32 or (
+                head.weight.dtype == torch.bfloat16 and kernels.decode_gemm_fn() is not None)):
             return
         tied = head.weight is self.language_model.model.embed_tokens.weight
         groups = []
@@ -408,14 +413,19 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
             for group in groups:
                 if any(type(m) is not nn.Linear for m in group):  # e.g. LoRA wrappers: leave as is
                     continue
-                done = fused_weight(group) is not None if len(group) > 1 else not group[0].weight.is_contiguous()
-                if done:
+                if len(group) > 1 and fused_weight(group) is not None:
                     continue
-                w = torch.cat([m.weight.t() for m in group], dim=1)  # (in, sum of outs), contiguous
+                if len(group) == 1 and (not fp32 or not group[0].weight.is_contiguous()):
+                    continue  # bf16: a single weight stays as stored
+                if fp32:
+                    w = torch.cat([m.weight.t() for m in group], dim=1)  # (in, sum of outs), contiguous
+                else:
+                    w = torch.cat([m.weight for m in group]).t()  # bf16: (sum of outs, in) storage
                 b = torch.cat([m.bias for m in group]) if group[0].bias is not None else None
                 start = 0
                 for m in group:
-                    m.weight.data = w[:, start: start + m.out_features].t()  # (out, in), strides (1, total)
+                    # fp32: (out, in), strides (1, total); bf16: contiguous rows of the one tensor
+                    m.weight.data = w[:, start: start + m.out_features].t()
                     if b is not None:  # q|k|v biases end to end too (`fused_bias`)
                         m.bias.data = b[start: start + m.out_features]
                     start += m.out_features

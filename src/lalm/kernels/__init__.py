@@ -1,6 +1,7 @@
 """CPU kernels of our own, compiled on first use with the system's C compiler.
 
-One so far: `decode_gemm.c`, the few-row fp32 GEMM of a CPU decode step (why ours: see the file).
+One so far: `decode_gemm.c`, the few-row GEMM of a CPU decode step, fp32 arithmetic over fp32
+or bf16 weights (why ours: see the file).
 It is built once per source version into `$LALM_HOME/kernels` (default ~/.cache/lalm/kernels;
 ~0.5 s with gcc) and loaded with ctypes: no build step at install, no Python headers, a wheel
 that stays pure Python. Where it cannot be had (a CPU without AVX2 and FMA, no C compiler, a
@@ -38,15 +39,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LALM_HOME") or Path.home() / ".cache" / "lalm").expanduser() / "kernels"
 
 
-def decode_gemm_fn():
-    """The compiled `lalm_decode_gemm`, or None where it cannot be had (module docstring)."""
+def decode_gemm_fn() -> dict | None:
+    """{weight dtype: compiled function} (fp32 and bf16 weights), or None where the kernel cannot
+    be had (module docstring)."""
     with _lock:
         if not _fn:
             _fn.append(_load())
         return _fn[0]
 
 
-def _load():
+def _load() -> dict | None:
     if os.environ.get("LALM_KERNELS", "1") == "0":
         return None
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
@@ -62,15 +64,17 @@ def _load():
                 subprocess.run([os.environ.get("CC", "cc"), *FLAGS, str(SOURCE), "-o", str(out)],
                                check=True, capture_output=True, timeout=120)
                 os.replace(out, lib)  # atomic: a concurrent process never loads a half-written file
-        fn = ctypes.CDLL(str(lib)).lalm_decode_gemm
-    except (OSError, subprocess.SubprocessError) as e:
+        so = ctypes.CDLL(str(lib))
+        fns = {torch.float32: so.lalm_decode_gemm_f32, torch.bfloat16: so.lalm_decode_gemm_bf16}
+    except (OSError, AttributeError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
         warnings.warn(f"lalm: the CPU decode kernel could not be built or loaded ({e} {detail.decode()[-300:]}); "
                       f"decode steps use numpy's OpenBLAS", stacklevel=2)
         return None
-    fn.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
-    fn.restype = None
-    return fn
+    for fn in fns.values():
+        fn.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+        fn.restype = None
+    return fns
 
 
 def set_threads(n: int) -> None:
@@ -104,10 +108,14 @@ class Panels:
 
 
 def decode_gemm(x: torch.Tensor, panels: Panels) -> torch.Tensor:
-    """x (M, K) fp32 on CPU -> (M, N) = x @ W^T through the kernel (decode_gemm_fn() must not be None)."""
-    x = x.contiguous()
+    """x (M, K) on CPU -> (M, N) = x @ W^T through the kernel, in x's dtype; fp32 arithmetic
+    whatever the dtypes (fp32 or bf16 x and weights). decode_gemm_fn() must not be None."""
+    dtype = x.dtype
+    x = x.to(torch.float32).contiguous()
     M, K = x.shape
     P = panels.data.shape[0]
     y = torch.empty(M, P * 8, dtype=torch.float32)
-    decode_gemm_fn()(M, K, P * 8, x.data_ptr(), panels.data.data_ptr(), y.data_ptr(), _threads[0])
-    return y if P * 8 == panels.n else y[:, : panels.n].contiguous()
+    fn = decode_gemm_fn()[panels.data.dtype]
+    fn(M, K, P * 8, x.data_ptr(), panels.data.data_ptr(), y.data_ptr(), _threads[0])
+    y = y if P * 8 == panels.n else y[:, : panels.n].contiguous()
+    return y if dtype == torch.float32 else y.to(dtype)

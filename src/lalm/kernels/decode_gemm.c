@@ -1,5 +1,5 @@
-/* y (M, N) = x (M, K) @ W^T for the few rows of a CPU decode step, fp32, AVX2 + FMA, with W
- * (N, K) packed once into panels of 8 output columns: wp[N/8][K][8] (N a multiple of 8; pack
+/* y (M, N) = x (M, K) @ W^T for the few rows of a CPU decode step, fp32 arithmetic, AVX2 + FMA,
+ * with W (N, K), fp32 or bf16, packed once into panels of 8 output columns: wp[N/8][K][8] (N a multiple of 8; pack
  * with zero rows first). The panels are split across OpenMP threads, each streaming its share of
  * wp from memory exactly once, front to back.
  *
@@ -17,22 +17,27 @@
 #include <omp.h>
 #include <stddef.h>
 
+/* Weights as fp32, or as bf16 widened to fp32 in registers (bf16 is fp32's top 16 bits): a bf16
+ * checkpoint then streams half the bytes, and the arithmetic stays fp32. x and y are fp32. */
+#define LOAD_f32(w) _mm256_loadu_ps(w)
+#define LOAD_bf16(w) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w))), 16))
+
 /* Panels [p0, p1) for R rows of x. With R <= 4, two panels at a time: 2R independent FMA chains
  * instead of R, so one to four rows are not bound by the FMA's latency (one row: 54 vs 61 ms per
  * decoder step). Every output still sums over k in the same order, whatever R and whichever
  * path, so a row's results do not depend on its batch. (Four-row blocks over panel pairs for
  * eight rows, re-reading each pair from cache, ran 1.7x slower than one eight-row pass.) */
-#define PANELS(R)                                                                             \
-    static void panels_##R(const float *x, const float *wp, float *y, int K, int N, int p0,   \
-                           int p1) {                                                          \
+#define PANELS(T, W, R)                                                                       \
+    static void panels_##T##_##R(const float *x, const W *wp, float *y, int K, int N, int p0, \
+                                 int p1) {                                                    \
         int p = p0;                                                                           \
         for (; R <= 4 && p + 2 <= p1; p += 2) {                                               \
-            const float *w0 = wp + (size_t)p * K * 8, *w1 = w0 + (size_t)K * 8;               \
+            const W *w0 = wp + (size_t)p * K * 8, *w1 = w0 + (size_t)K * 8;                   \
             __m256 c[R], d[R];                                                                \
             for (int r = 0; r < R; r++) c[r] = d[r] = _mm256_setzero_ps();                    \
             for (int k = 0; k < K; k++) {                                                     \
-                __m256 b0 = _mm256_loadu_ps(w0 + (size_t)k * 8);                              \
-                __m256 b1 = _mm256_loadu_ps(w1 + (size_t)k * 8);                              \
+                __m256 b0 = LOAD_##T(w0 + (size_t)k * 8), b1 = LOAD_##T(w1 + (size_t)k * 8);  \
                 _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                         \
                     __m256 a = _mm256_broadcast_ss(x + (size_t)r * K + k);                    \
                     c[r] = _mm256_fmadd_ps(a, b0, c[r]);                                      \
@@ -45,33 +50,38 @@
             }                                                                                 \
         }                                                                                     \
         for (; p < p1; p++) {                                                                 \
-            const float *w = wp + (size_t)p * K * 8;                                          \
+            const W *w = wp + (size_t)p * K * 8;                                              \
             __m256 c[R];                                                                      \
             for (int r = 0; r < R; r++) c[r] = _mm256_setzero_ps();                           \
             for (int k = 0; k < K; k++) {                                                     \
-                __m256 b = _mm256_loadu_ps(w + (size_t)k * 8);                                \
+                __m256 b = LOAD_##T(w + (size_t)k * 8);                                       \
                 _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                           \
                     c[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + (size_t)r * K + k), b, c[r]); \
             }                                                                                 \
             for (int r = 0; r < R; r++) _mm256_storeu_ps(y + (size_t)r * N + (size_t)p * 8, c[r]); \
         }                                                                                     \
     }
-PANELS(1) PANELS(2) PANELS(3) PANELS(4) PANELS(5) PANELS(6) PANELS(7) PANELS(8)
-
-typedef void (*panels_fn)(const float *, const float *, float *, int, int, int, int);
-static const panels_fn PANELS_FN[9] = {0, panels_1, panels_2, panels_3, panels_4,
-                                       panels_5, panels_6, panels_7, panels_8};
 
 /* M rows (any M: blocks of 8, each streaming wp once more), y (M, N) row-major. */
-void lalm_decode_gemm(int M, int K, int N, const float *x, const float *wp, float *y, int threads) {
-    int P = N / 8;
-#pragma omp parallel num_threads(threads)
-    {
-        int t = omp_get_thread_num(), T = omp_get_num_threads();
-        int p0 = (int)((long)P * t / T), p1 = (int)((long)P * (t + 1) / T);
-        for (int m = 0; m < M; m += 8) {
-            int r = M - m < 8 ? M - m : 8;
-            PANELS_FN[r](x + (size_t)m * K, wp, y + (size_t)m * N, K, N, p0, p1);
-        }
+#define GEMM(T, W)                                                                            \
+    PANELS(T, W, 1) PANELS(T, W, 2) PANELS(T, W, 3) PANELS(T, W, 4)                           \
+    PANELS(T, W, 5) PANELS(T, W, 6) PANELS(T, W, 7) PANELS(T, W, 8)                           \
+    static void (*const PANELS_##T[9])(const float *, const W *, float *, int, int, int, int) = { \
+        0, panels_##T##_1, panels_##T##_2, panels_##T##_3, panels_##T##_4,                    \
+        panels_##T##_5, panels_##T##_6, panels_##T##_7, panels_##T##_8};                      \
+    void lalm_decode_gemm_##T(int M, int K, int N, const float *x, const W *wp, float *y,     \
+                              int threads) {                                                  \
+        int P = N / 8;                                                                        \
+        _Pragma("omp parallel num_threads(threads)") {                                        \
+            int t = omp_get_thread_num(), nt = omp_get_num_threads();                         \
+            int p0 = (int)((long)P * t / nt), p1 = (int)((long)P * (t + 1) / nt);             \
+            for (int m = 0; m < M; m += 8) {                                                  \
+                int r = M - m < 8 ? M - m : 8;                                                \
+                PANELS_##T[r](x + (size_t)m * K, wp, y + (size_t)m * N, K, N, p0, p1);        \
+            }                                                                                 \
+        }                                                                                     \
     }
-}
+
+typedef unsigned short bf16;
+GEMM(f32, float)
+GEMM(bf16, bf16)
