@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/serve.py                       # tiny random model, 32 clients
     .venv/bin/python bench/serve.py --model PATH --clients 32 --max-tokens 64
+    .venv/bin/python bench/serve.py --size mid --threads 2     # a GEMM-bound decoder
 
 Starts `lalm serve` in a subprocess (so the clients do not share its interpreter), sends
 the requests sequentially, then all at once (streaming, greedy), checks that both runs
@@ -125,6 +126,9 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--audio-seconds", type=float, default=1.0)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--size", choices=("tiny", "mid"), default="tiny",
+                    help="built model's decoder: the test preset's, or bench/generate.py's mid-size "
+                         "shapes (896 wide, 24 layers, ffn 4864; vocab 512)")
     ap.add_argument("--threads", type=int, default=1,
                     help="server's torch threads (1: on a shared 2-core box, OpenMP sync between "
                          "2 threads costs more than a tiny model's matmuls)")
@@ -135,7 +139,10 @@ def main() -> int:
     if model is None:
         from lalm.serve.fake import tiny_random_checkpoint
 
-        model = str(tiny_random_checkpoint(Path(tmp.name) / "tiny-random"))
+        mid = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+               "num_attention_heads": 14, "num_key_value_heads": 2}
+        model = str(tiny_random_checkpoint(Path(tmp.name) / f"{args.size}-random",
+                                           text=mid if args.size == "mid" else None))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "lalm", "serve", "--model", model, "--port", str(port),

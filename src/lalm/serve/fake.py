@@ -125,9 +125,10 @@ class FakeBackend:
         return Update(token, -0.1, row.take_text(), row.finish_reason, len(row.tokens), top)
 
 
-def tiny_random_checkpoint(folder: str | Path, seed: int = 0, vocab_size: int = 512) -> Path:
+def tiny_random_checkpoint(folder: str | Path, seed: int = 0, vocab_size: int = 512, text: dict | None = None) -> Path:
     """A loadable checkpoint folder with random weights and a small trained BPE: a real model
-    for serving tests and bench/serve.py that costs nothing to build (no transformers)."""
+    for serving tests and bench/serve.py that costs nothing to build (no transformers). `text`
+    overrides the decoder's shape (e.g. bench/serve.py --size mid)."""
     import torch
     from wordfreq import top_n_list
 
@@ -142,7 +143,7 @@ def tiny_random_checkpoint(folder: str | Path, seed: int = 0, vocab_size: int = 
     eos = [tok.im_end_id, tok.endoftext_id]
     config = ModelConfig.preset(
         "test-tiny", audio_token_index=tok.audio_id,
-        text={"vocab_size": vocab_size, "extra": {"bos_token_id": eos[1], "eos_token_id": eos[0]}})
+        text={**(text or {}), "vocab_size": vocab_size, "extra": {"bos_token_id": eos[1], "eos_token_id": eos[0]}})
     g = torch.Generator().manual_seed(seed)
     model = Qwen2AudioForConditionalGeneration(config)
     with torch.no_grad():
