@@ -36,8 +36,9 @@ def numpy_openblas():
 
 @contextlib.contextmanager
 def decode_threads(on: bool = True):
-    """Threads for one fp32 CPU decode step: torch's ops on one thread, numpy's OpenBLAS (which
-    runs the step's GEMMs, `decode_gemm`) on as many threads as torch had.
+    """Threads for one CPU decode step (`cpu_decode_path`): torch's ops on one thread, the step's
+    GEMMs (`decode_gemm`: our kernel's OpenMP threads, or numpy's OpenBLAS) on as many threads as
+    torch had.
 
     Why: a decode step is ~95% few-row GEMMs that stream the weights; the rest (norms, RoPE,
     attention over B x S) is too small to gain from a second thread. With torch's OpenMP workers

@@ -390,7 +390,8 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         fp32) `x @ W.t()` reads W about 1.3x faster when W.t() is the contiguous operand (measured
         per row: gate 896->4864 1.5 vs 2.2 ms, LM head 47 vs 71 ms; 8 rows: 170 vs 236 ms), and
         one GEMM over gate|up (q|k|v) beats two (three): 2.4 vs 2.75 ms (0.41 vs 0.50 ms) per row.
-        Decode steps (any batch) now run these GEMMs through numpy's OpenBLAS (`decode_gemm`).
+        Decode steps now run these GEMMs through our kernel's packed copies or numpy's OpenBLAS
+        (`decode_ops.decode_gemm`).
         down_proj stays as stored (faster so). bf16 is 5-6x *slower* with transposed storage
         (oneDNN converts it), hence fp32 only. Training and saving are unaffected (autograd does
         not care about strides; fused_weight is off with gradients; weights.save writes
@@ -432,7 +433,7 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
             if kernels.decode_gemm_fn() is None:
                 return
             # Copies for our decode kernel (1-16 rows): one more copy of the decoder's weights
-            # in memory, for GEMMs ~1.6-2.2x faster than OpenBLAS at those rows (lalm.kernels).
+            # in memory, for GEMMs 1.1-2.5x faster than OpenBLAS at 1-16 rows (lalm.kernels).
             lm = self.language_model
             for layer in lm.model.layers:
                 a, m = layer.self_attn, layer.mlp
