@@ -23,22 +23,24 @@
 #define LOAD_bf16(w) \
     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w))), 16))
 
-/* Panels [p0, p1) for R rows of x. With R <= 4, two panels at a time: 2R independent FMA chains
- * instead of R, so one to four rows are not bound by the FMA's latency (one row: 54 vs 61 ms per
- * decoder step). Every output still sums over k in the same order, whatever R and whichever
- * path, so a row's results do not depend on its batch. (Four-row blocks over panel pairs for
- * eight rows, re-reading each pair from cache, ran 1.7x slower than one eight-row pass.) */
+/* Panels [p0, p1) for R rows of x. With R <= 6, two panels at a time: 2R independent FMA chains
+ * instead of R (at most 12 accumulators + 3 registers of the 16), so a few rows are neither bound
+ * by the FMA's latency nor by loads (per decoder step: one row 54 vs 61 ms, five or six 59 vs
+ * 71). Every output still sums over k in the same order, whatever R and whichever path, so a
+ * row's results do not depend on its batch. (Seven or eight rows in pairs would spill registers:
+ * 79 vs 74 ms; four-row blocks over panel pairs for eight rows, re-reading each pair from cache,
+ * 125 ms.) */
 #define PANELS(T, W, R)                                                                       \
     static void panels_##T##_##R(const float *x, const W *wp, float *y, int K, int N, int p0, \
                                  int p1) {                                                    \
         int p = p0;                                                                           \
-        for (; R <= 4 && p + 2 <= p1; p += 2) {                                               \
+        for (; R <= 6 && p + 2 <= p1; p += 2) {                                               \
             const W *w0 = wp + (size_t)p * K * 8, *w1 = w0 + (size_t)K * 8;                   \
             __m256 c[R], d[R];                                                                \
             for (int r = 0; r < R; r++) c[r] = d[r] = _mm256_setzero_ps();                    \
             for (int k = 0; k < K; k++) {                                                     \
                 __m256 b0 = LOAD_##T(w0 + (size_t)k * 8), b1 = LOAD_##T(w1 + (size_t)k * 8);  \
-                _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                         \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                         \
                     __m256 a = _mm256_broadcast_ss(x + (size_t)r * K + k);                    \
                     c[r] = _mm256_fmadd_ps(a, b0, c[r]);                                      \
                     d[r] = _mm256_fmadd_ps(a, b1, d[r]);                                      \
