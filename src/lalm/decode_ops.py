@@ -155,3 +155,70 @@ def fused_bias(linears: tuple[nn.Module, ...]) -> torch.Tensor:
             return torch.cat(bs)
         address += b.shape[0] * size
     return bs[0].detach().as_strided((sum(b.shape[0] for b in bs),), (1,))
+
+
+def use_decode_layout(model: nn.Module) -> None:
+    """Store the decoder's widening projections transposed in memory, q/k/v side by side and
+    gate/up side by side, so a one-row decode step reads each weight fast and runs one GEMM
+    per group (`fused_weight`). Same parameter names, shapes and values (the parameters become
+    views); idempotent; CPU only; the LM head stays as stored when tied. In bf16 (where our
+    decode kernel is built: lalm.kernels) the groups are stored row after row instead, each
+    weight still contiguous (out, in), for the kernel's fused GEMMs; and in both dtypes the
+    kernel gets its packed copies (`decode_panels`).
+
+    Why: a decode step is one- to few-row GEMMs that stream every weight once, and on CPU (MKL,
+    fp32) `x @ W.t()` reads W about 1.3x faster when W.t() is the contiguous operand (measured
+    per row: gate 896->4864 1.5 vs 2.2 ms, LM head 47 vs 71 ms; 8 rows: 170 vs 236 ms), and
+    one GEMM over gate|up (q|k|v) beats two (three): 2.4 vs 2.75 ms (0.41 vs 0.50 ms) per row.
+    Decode steps now run these GEMMs through our kernel's packed copies or numpy's OpenBLAS
+    (`decode_gemm`).
+    down_proj stays as stored (faster so). bf16 is 5-6x *slower* with transposed storage
+    (oneDNN converts it), hence fp32 only. Training and saving are unaffected (autograd does
+    not care about strides; fused_weight is off with gradients; weights.save writes
+    contiguous copies).
+    """
+    head = model.language_model.lm_head
+    fp32 = head.weight.dtype == torch.float32
+    if head.weight.device.type != "cpu" or not (fp32 or (
+            head.weight.dtype == torch.bfloat16 and kernels.decode_gemm_fn() is not None)):
+        return
+    tied = head.weight is model.language_model.model.embed_tokens.weight
+    groups = []
+    for layer in model.language_model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        groups += [(a.q_proj, a.k_proj, a.v_proj), (a.o_proj,), (m.gate_proj, m.up_proj)]
+    groups += [] if tied else [(head,)]
+    # The new storage must be an ordinary tensor even when called under inference_mode,
+    # or the model could no longer be trained afterwards.
+    with torch.inference_mode(False), torch.no_grad():
+        for group in groups:
+            if any(type(m) is not nn.Linear for m in group):  # e.g. LoRA wrappers: leave as is
+                continue
+            if len(group) > 1 and fused_weight(group) is not None:
+                continue
+            if len(group) == 1 and (not fp32 or not group[0].weight.is_contiguous()):
+                continue  # bf16: a single weight stays as stored
+            if fp32:
+                w = torch.cat([m.weight.t() for m in group], dim=1)  # (in, sum of outs), contiguous
+            else:
+                w = torch.cat([m.weight for m in group]).t()  # bf16: (sum of outs, in) storage
+            b = torch.cat([m.bias for m in group]) if group[0].bias is not None else None
+            start = 0
+            for m in group:
+                # fp32: (out, in), strides (1, total); bf16: contiguous rows of the one tensor
+                m.weight.data = w[:, start: start + m.out_features].t()
+                if b is not None:  # q|k|v biases end to end too (`fused_bias`)
+                    m.bias.data = b[start: start + m.out_features]
+                start += m.out_features
+        if kernels.decode_gemm_fn() is None:
+            return
+        # Copies for our decode kernel (1-16 rows): one more copy of the decoder's weights
+        # in memory, for GEMMs 1.1-2.5x faster than OpenBLAS at 1-16 rows (lalm.kernels).
+        lm = model.language_model
+        for layer in lm.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            a.qkv_panels = decode_panels(a.qkv_panels, (a.q_proj, a.k_proj, a.v_proj))
+            a.o_panels = decode_panels(a.o_panels, (a.o_proj,))
+            m.gate_up_panels = decode_panels(m.gate_up_panels, (m.gate_proj, m.up_proj))
+            m.down_panels = decode_panels(m.down_panels, (m.down_proj,))
+        lm.head_panels = decode_panels(lm.head_panels, (head,))
