@@ -15,7 +15,10 @@ clips fit in ~50 MB (what a GPU machine could be sent). Keys of a configuration 
 DEFAULTS): layers, hidden, ffn, heads, kv, lr, bs, steps, warmup, wd, evals, ctc (weight of a
 CTC loss on the projector output; tied = through the embedding matrix), fdrop (dropout on the
 rows), tmask/tmask_len (zeroed spans), fnoise, short_first/short_len (a curriculum), beta2
-(AdamW's).
+(AdamW's), ema (decay of an exponential moving average of the weights, scored beside the raw
+weights as "<set>_ema"), lsmooth (label smoothing), meanswap (probability that a clip's mean row
+is replaced by another clip's of the batch: a crude speaker/channel swap), chdrop (each clip loses
+this fraction of its feature channels, at every row).
 Not a test and not part of lalm: an experiment harness whose findings live in configs/tiny.
 """
 
@@ -39,7 +42,7 @@ DEFAULTS = {"layers": 2, "hidden": 256, "ffn": 768, "heads": 4, "kv": 2, "lr": 1
             "steps": 3000, "warmup": 40, "wd": 0.01, "evals": [1000, 2000, 3000], "ctc": 0.0,
             "tied": 1, "fdrop": 0.0, "tmask": 0, "tmask_len": 8, "fnoise": 0.0, "short_first": 0,
             "short_len": 5, "max_new": 40, "seed": 0, "tnoise": 0.0, "extra": [], "limit": 0,
-            "beta2": 0.999}
+            "beta2": 0.999, "ema": 0.0, "lsmooth": 0.0, "meanswap": 0.0, "chdrop": 0.0}
 
 
 def export(home: Path, out: Path, limit: int) -> None:
@@ -88,7 +91,7 @@ def export(home: Path, out: Path, limit: int) -> None:
 
 def extra(tok_dir: Path, mode: str, n: int, out: Path) -> None:
     """n more ASR clips, text from the corpus generator minus the held-out eval text, packed like
-    `export`'s train set. mode: flite / flite2 (flite voices, two seeds), speed (espeak-ng resampled
+    `export`'s train set. mode: flite / flite2 (flite voices, two seeds), espeak (espeak-ng), speed (espeak-ng resampled
     by 0.8-1.2: tempo, pitch and vocal tract length), flitespeed (flite voices so resampled)."""
     import numpy as np
     import soundfile as sf
@@ -112,7 +115,7 @@ def extra(tok_dir: Path, mode: str, n: int, out: Path) -> None:
     from lalm.train.encoder_cache import FeatureCache
     from lalm.train.importers import load_encoder
 
-    rng = random.Random({"flite": 11, "speed": 12, "flite2": 13, "flitespeed": 14}[mode])
+    rng = random.Random({"flite": 11, "speed": 12, "flite2": 13, "flitespeed": 14, "espeak": 15}[mode])
     reserved, vocab = build.plan("full", 0)[1].reserved, sentences.wordfreq_vocab()
     (out / "audio").mkdir(parents=True, exist_ok=True)
     clips = []
@@ -296,6 +299,20 @@ def run_one(cfg: dict, data: Path) -> None:
                         s = rng.randrange(0, m["n"] - w)
                         rows[o + s: o + s + w] = 0
                 o += m["n"]
+        if cfg["meanswap"]:  # r_t - mean(clip) + mean(another clip of the batch)
+            spans, o = [], 0
+            for m in items:
+                spans.append((o, o + m["n"]))
+                o += m["n"]
+            means = [rows[a:b].mean(0) for a, b in spans]
+            rows = rows.clone()
+            for i, (a, b) in enumerate(spans):
+                if rng.random() < cfg["meanswap"]:
+                    rows[a:b] += means[rng.randrange(len(spans))] - means[i]
+        if cfg["chdrop"]:  # one channel mask per clip, the same at every row
+            keep = torch.cat([(torch.rand(1, rows.shape[1], device=dev) >= cfg["chdrop"]).expand(m["n"], -1)
+                              for m in items])
+            rows = rows * keep / (1 - cfg["chdrop"])
         if cfg["fnoise"]:
             rows = rows + cfg["fnoise"] * torch.randn_like(rows)
         if cfg["fdrop"]:
@@ -308,7 +325,8 @@ def run_one(cfg: dict, data: Path) -> None:
         sel = lab != -100
         r = int(sel.any(0).nonzero()[0])  # the last layer from the first target column on
         h = hidden(ids, att, rows, r)
-        loss = F.cross_entropy(model.language_model.lm_head(h[sel[:, r:]]).float(), lab[sel])
+        loss = F.cross_entropy(model.language_model.lm_head(h[sel[:, r:]]).float(), lab[sel],
+                               label_smoothing=cfg["lsmooth"])
         total = loss + cfg["ctc"] * ctc(items, rows) if cfg["ctc"] else loss
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -318,12 +336,26 @@ def run_one(cfg: dict, data: Path) -> None:
             g["lr"] = lr
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cfg["ema"]:
+            with torch.no_grad():
+                if step == 0:
+                    ema = [p.detach().clone() for p in params]
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - cfg["ema"])
         if step + 1 in cfg["evals"]:
             row = {"step": step + 1, "loss": round(float(loss.detach()), 3), "sec": round(time.time() - t0)}
             for name, (feats, items_) in held.items():
                 hyps = greedy(items_, feats)
                 row[name], row[name + "_examples"] = round(wer([m["ref"] for m in items_], hyps), 1), hyps[:2]
             row["train"] = round(wer([m["ref"] for m in train[:60]], greedy(train[:60], X)), 1)
+            if cfg["ema"]:
+                with torch.no_grad():
+                    raw = [p.detach().clone() for p in params]
+                    for p_, e in zip(params, ema):
+                        p_.copy_(e)
+                    for name, (feats, items_) in held.items():
+                        row[name + "_ema"] = round(wer([m["ref"] for m in items_], greedy(items_, feats)), 1)
+                    for p_, w in zip(params, raw):
+                        p_.copy_(w)
             print(cfg.get("tag", "run"), json.dumps(row), flush=True)
 
 
@@ -336,7 +368,7 @@ def main() -> None:
     e.add_argument("--limit", type=int, default=2250)
     x = sub.add_parser("extra")
     x.add_argument("--tokenizer", required=True, help="the export's tokenizer folder")
-    x.add_argument("--mode", choices=("flite", "flite2", "speed", "flitespeed"), required=True)
+    x.add_argument("--mode", choices=("flite", "flite2", "speed", "flitespeed", "espeak"), required=True)
     x.add_argument("--n", type=int, default=3000)
     x.add_argument("--out", required=True)
     r = sub.add_parser("run")
