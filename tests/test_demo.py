@@ -63,6 +63,32 @@ def test_spoken_qa_repeat_oversamples_voice_chat_lines_only(tmp_path):
     assert manifest_texts([out / "sft" / "train.jsonl"]).count("4") == 2
 
 
+def test_pretrain_chat_flags_a_share_of_pretraining_lines(tmp_path):
+    """pretrain_chat: that share of pre-training lines (seeded) gets "format": "chat"; other
+    stages and a share of 0 are untouched; a share outside [0, 1] is a recipe error."""
+    from lalm.errors import ConfigError
+    from lalm.train.recipe import Recipe, select_manifests
+
+    lines = [{"id": f"pt-{i}", "source": "flite:slt", "task": "asr",
+              "messages": [{"role": "user", "content": "Say it."}, {"role": "assistant", "content": "ok"}]}
+             for i in range(400)]
+    for stage in ("pretrain", "sft", "dpo"):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "dev.jsonl").write_text("")
+        (tmp_path / stage / "train.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in (lines if stage != "dpo" else [])))
+    formats = {}
+    for share in (0.0, 0.3):
+        select_manifests(tmp_path, tmp_path / f"out{share}", Recipe(pretrain_chat=share))
+        formats[share] = [r.get("format") for r in load_records(tmp_path / f"out{share}" / "pretrain" / "train.jsonl")]
+        assert all("format" not in r for r in load_records(tmp_path / f"out{share}" / "sft" / "train.jsonl"))
+    assert set(formats[0.0]) == {None}
+    assert 90 <= formats[0.3].count("chat") <= 150 and set(formats[0.3]) == {None, "chat"}
+    (tmp_path / "demo.yaml").write_text("pretrain_chat: 1.5\n")
+    with pytest.raises(ConfigError, match="pretrain_chat must be a share"):
+        Recipe.load(tmp_path)
+
+
 def test_quick_demo_end_to_end(tmp_path, capsys):
     """`lalm demo --quick`: corpus, three stages, eval, a model that loads and answers; rerun reuses."""
     import lalm

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lalm.data.manifest import load_records
 from lalm.errors import ConfigError
 from lalm.train import losses
 from lalm.train.config import TrainConfig
@@ -168,6 +169,29 @@ def test_loss_positions_per_stage(multi_turn, stage, train_on):
         # the same, read as text: exactly the answers (and their end tokens) are learned
         learned = "".join(tokens[t + 1] for t in pos)
         assert learned == "".join(text for text, is_target in segs if is_target)
+
+
+def test_pretrain_line_in_chat_format_renders_as_sft(multi_turn, tmp_path):
+    """A pre-training record with "format": "chat" is the SFT example, ids and labels; "raw" (the
+    default) stays the base-model form; any other format is a bad record, skipped and counted."""
+    from train_corpus import write_manifest
+
+    from lalm.tokenizer import train_bpe
+    from lalm.train.data import TrainData
+
+    tok = train_bpe([], 262)
+    sft, _ = multi_turn
+    rec = load_records(sft)[0]
+    path = write_manifest(tmp_path / "pt.jsonl", [{**rec, "format": "chat"}, {**rec, "format": "raw"}, rec,
+                                                  {**rec, "format": "html"}])
+    with pytest.warns(UserWarning, match=r"skipped 1 record"):
+        data = TrainData(str(path), "pretrain", tok, 80)
+    assert len(data) == 3
+    want = TrainData(str(sft), "sft", tok, 80).examples(0)[0]
+    chat_ex, raw_ex, default_ex = (data.examples(i)[0] for i in range(3))
+    assert chat_ex.ids.tolist() == want.ids.tolist() and _targets(chat_ex) == _targets(want)
+    assert raw_ex.ids.tolist() == default_ex.ids.tolist() != want.ids.tolist()
+    assert "format 'html' is not 'raw' or 'chat'" in data.skipped.summary()
 
 
 # --- config ----------------------------------------------------------------------------------------

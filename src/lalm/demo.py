@@ -114,7 +114,9 @@ class Pipeline:
         r = self.recipe
         key = _fingerprint({"clips": r.clips, "dev": r.dev_records, "text_qa": r.text_qa,
                             "seed": r.text_qa_seed, "vocab": r.vocab_size,
-                            "spoken_qa_repeat": r.spoken_qa_repeat, "corpus": self.state.get("corpus")})
+                            "spoken_qa_repeat": r.spoken_qa_repeat, "corpus": self.state.get("corpus"),
+                            # (only when set, so homes built before the key keep their checkpoints)
+                            **({"pretrain_chat": r.pretrain_chat} if r.pretrain_chat else {})})
         data, tok = self.demo / "data", self.demo / "tokenizer"
         if self._up_to_date("data", key, data / "sft" / "train.jsonl", tok / "tokenizer.json"):
             return

@@ -4,6 +4,8 @@ Per stage, one manifest record becomes:
 - pretrain: the base model's raw form (spec section 4): the prompt turns' parts joined, each
   audio as `<|audio_bos|><|AUDIO|><|audio_eos|>`, then the last assistant answer and
   `<|endoftext|>` as the target (processor.prepare_raw). No chat markup, as in the paper's Fig. 2.
+  A record with `"format": "chat"` is rendered as in SFT instead (the recipe can mix the two, so
+  a skill learnt in pre-training is also learnt in the template SFT and inference use).
 - sft: the Instruct template, loss on every assistant turn (train_on=all) or the last only.
 - dpo: two examples, prompt + chosen and prompt + rejected, loss (log-prob) on the answer only.
 
@@ -133,6 +135,8 @@ class TrainData:
             raise ChatFormatError(f"{where}: a DPO record needs 'chosen' and 'rejected'")
         if self.stage != "dpo" and not any(m["role"] == "assistant" for m in rec["messages"]):
             raise ChatFormatError(f"{where}: no assistant message to train on")
+        if rec.get("format", "raw") not in ("raw", "chat"):
+            raise ChatFormatError(f"{where}: format {rec['format']!r} is not 'raw' or 'chat'")
         msgs = chat.validate(rec["messages"])
         counts = []
         for src in chat.audios(msgs):
@@ -184,11 +188,11 @@ class TrainData:
                         k += 1
                     parts.append(p)
                 m["content"] = parts
-        if self.stage == "pretrain":
+        if self.stage == "pretrain" and rec.get("format", "raw") == "raw":
             prompt, audios, target = raw_prompt(msgs)
             return [prepare_raw(prompt, audios, self.tokenizer, self.n_mels, target=target,
                                 max_length=self.max_length)]
-        if self.stage == "sft":
+        if self.stage != "dpo":  # sft, or a pre-training line in the chat template
             return [prepare(msgs, self.tokenizer, self.n_mels, add_generation_prompt=False,
                             train_on=self.train_on, max_length=self.max_length)]
         # DPO: only the answer is scored (train_on="last"), so earlier turns never enter log P(y|x).
@@ -215,11 +219,11 @@ class TrainData:
         return out
 
     def _render_cached(self, msgs: list, rec: dict, rows: list[torch.Tensor]) -> list[Example]:
-        if self.stage == "pretrain":
+        if self.stage == "pretrain" and rec.get("format", "raw") == "raw":
             prompt, audios, target = raw_prompt(msgs)
             return [prepare_raw(prompt, audios, self.tokenizer, self.n_mels, target=target,
                                 max_length=self.max_length, audio_rows=rows)]
-        if self.stage == "sft":
+        if self.stage != "dpo":  # sft, or a pre-training line in the chat template
             return [prepare(msgs, self.tokenizer, self.n_mels, add_generation_prompt=False,
                             train_on=self.train_on, max_length=self.max_length, audio_rows=rows)]
         return [prepare(msgs + [{"role": "assistant", "content": rec[key]}], self.tokenizer, self.n_mels,

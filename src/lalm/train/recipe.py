@@ -43,6 +43,7 @@ class Recipe:
     text_qa: int = 0  # text-only question/answer lines added to SFT
     text_qa_seed: int = 1234
     spoken_qa_repeat: int = 1  # each SFT line whose user turns are audio alone appears this many times
+    pretrain_chat: float = 0.0  # share of pre-training lines rendered in the chat template ("format": "chat")
     eval_batch_size: int = 16
     eval_limit: int = 0  # at most N items per eval set (0 = all)
     eval_max_new_tokens: int = 64
@@ -76,6 +77,8 @@ class Recipe:
         for stage in recipe.stages:
             if stage not in STAGES:
                 raise ConfigError(f"{folder}: stages.{stage}: not one of {', '.join(STAGES)}")
+        if not 0.0 <= recipe.pretrain_chat <= 1.0:
+            raise ConfigError(f"{folder}: pretrain_chat must be a share in [0, 1], got {recipe.pretrain_chat}")
         return recipe
 
     def to_dict(self) -> dict:
@@ -166,6 +169,11 @@ def select_manifests(corpus: Path, out: Path, recipe: Recipe) -> dict[str, int]:
             # Oversample the voice-chat mode: its answers must come from the audio alone, and
             # 800 SFT steps showed each spoken question ~0.6 times (docs/lalm-tiny.md).
             train = [x for r in train for x in [r] * (recipe.spoken_qa_repeat if spoken_only(r) else 1)]
+        if stage == "pretrain" and recipe.pretrain_chat:
+            # Some pre-training in the Instruct template: the chat-format transcription SFT and
+            # evaluation use then starts from what pre-training learnt (docs/lalm-tiny.md, stop 17).
+            pick = random.Random(recipe.corpus_seed + 17)
+            train = [{**r, "format": "chat"} if pick.random() < recipe.pretrain_chat else r for r in train]
         if stage == "sft" and recipe.text_qa:
             train += text_questions(recipe.text_qa, recipe.text_qa_seed, exclude)
         dev = load_records(corpus / stage / "dev.jsonl")
