@@ -15,7 +15,8 @@ clips fit in ~50 MB (what a GPU machine could be sent). Keys of a configuration 
 DEFAULTS): layers, hidden, ffn, heads, kv, lr, bs, steps, warmup, wd, evals, ctc (weight of a
 CTC loss on the projector output; tied = through the embedding matrix), fdrop (dropout on the
 rows), tmask/tmask_len (zeroed spans), fnoise, short_first/short_len (a curriculum), beta2
-(AdamW's), ema (decay of an exponential moving average of the weights, scored beside the raw
+(AdamW's), init (a lalm checkpoint folder to start from, e.g. a demo stage's final; with
+steps 0 it is only scored), ema (decay of an exponential moving average of the weights, scored beside the raw
 weights as "<set>_ema"), lsmooth (label smoothing), meanswap (probability that a clip's mean row
 is replaced by another clip's of the batch: a crude speaker/channel swap), chdrop (each clip loses
 this fraction of its feature channels, at every row).
@@ -42,7 +43,7 @@ DEFAULTS = {"layers": 2, "hidden": 256, "ffn": 768, "heads": 4, "kv": 2, "lr": 1
             "steps": 3000, "warmup": 40, "wd": 0.01, "evals": [1000, 2000, 3000], "ctc": 0.0,
             "tied": 1, "fdrop": 0.0, "tmask": 0, "tmask_len": 8, "fnoise": 0.0, "short_first": 0,
             "short_len": 5, "max_new": 40, "seed": 0, "tnoise": 0.0, "extra": [], "limit": 0,
-            "beta2": 0.999, "ema": 0.0, "lsmooth": 0.0, "meanswap": 0.0, "chdrop": 0.0}
+            "beta2": 0.999, "ema": 0.0, "lsmooth": 0.0, "meanswap": 0.0, "chdrop": 0.0, "init": ""}
 
 
 def export(home: Path, out: Path, limit: int) -> None:
@@ -209,6 +210,10 @@ def run_one(cfg: dict, data: Path) -> None:
                 mod.weight.normal_(0, 0.02)
                 if getattr(mod, "bias", None) is not None:
                     mod.bias.zero_()
+    if cfg["init"]:  # a trained lalm checkpoint (its own sizes) instead of a fresh decoder
+        from lalm.weights import load_checkpoint
+
+        model = load_checkpoint(cfg["init"], dtype=torch.float32)
     model.audio_tower.requires_grad_(False)  # never run: the rows are cached
     model.to(dev).train()
     emb = model.language_model.model.embed_tokens
@@ -277,6 +282,23 @@ def run_one(cfg: dict, data: Path) -> None:
         model.train()
         return out
 
+    def score(step, loss) -> None:
+        row = {"step": step, "loss": round(float(loss.detach()), 3), "sec": round(time.time() - t0)}
+        for name, (feats, items_) in held.items():
+            hyps = greedy(items_, feats)
+            row[name], row[name + "_examples"] = round(wer([m["ref"] for m in items_], hyps), 1), hyps[:2]
+        row["train"] = round(wer([m["ref"] for m in train[:60]], greedy(train[:60], X)), 1)
+        if cfg["ema"]:
+            with torch.no_grad():
+                raw = [p.detach().clone() for p in params]
+                for p_, e in zip(params, ema):
+                    p_.copy_(e)
+                for name, (feats, items_) in held.items():
+                    row[name + "_ema"] = round(wer([m["ref"] for m in items_], greedy(items_, feats)), 1)
+                for p_, w in zip(params, raw):
+                    p_.copy_(w)
+        print(cfg.get("tag", "run"), json.dumps(row), flush=True)
+
     params = [p for p in model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["wd"], betas=(0.9, cfg["beta2"]))
     S, W, rng, order, t0 = cfg["steps"], cfg["warmup"], random.Random(cfg["seed"]), [], time.time()
@@ -342,21 +364,9 @@ def run_one(cfg: dict, data: Path) -> None:
                     ema = [p.detach().clone() for p in params]
                 torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - cfg["ema"])
         if step + 1 in cfg["evals"]:
-            row = {"step": step + 1, "loss": round(float(loss.detach()), 3), "sec": round(time.time() - t0)}
-            for name, (feats, items_) in held.items():
-                hyps = greedy(items_, feats)
-                row[name], row[name + "_examples"] = round(wer([m["ref"] for m in items_], hyps), 1), hyps[:2]
-            row["train"] = round(wer([m["ref"] for m in train[:60]], greedy(train[:60], X)), 1)
-            if cfg["ema"]:
-                with torch.no_grad():
-                    raw = [p.detach().clone() for p in params]
-                    for p_, e in zip(params, ema):
-                        p_.copy_(e)
-                    for name, (feats, items_) in held.items():
-                        row[name + "_ema"] = round(wer([m["ref"] for m in items_], greedy(items_, feats)), 1)
-                    for p_, w in zip(params, raw):
-                        p_.copy_(w)
-            print(cfg.get("tag", "run"), json.dumps(row), flush=True)
+            score(step + 1, loss)
+    if S == 0:
+        score(0, torch.tensor(float("nan")))
 
 
 def main() -> None:

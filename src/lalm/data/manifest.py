@@ -23,6 +23,8 @@ Pre-training and SFT lines::
 - `task`: asr, lid, s2tt, speaker, sound, music, mixed, turns, coarse, voice_chat, multi_audio.
 - `durations` (optional): seconds of each audio file, keyed by the path as written.
 - `meta` (optional): free-form labels (voice, rate, pitch, snr_db, ...), never read by training.
+- `format` (optional, pre-training only): "raw" (default: the base model's prompt form) or
+  "chat" (rendered in the Instruct template, as SFT renders every line).
 
 Preference (DPO) lines: `messages` holds the prompt turns only (ending with a user turn),
 plus `"chosen": "..."` (the correct answer) and `"rejected": "..."` (a wrong or hedging one).
