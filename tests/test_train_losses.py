@@ -192,6 +192,8 @@ def test_pretrain_line_in_chat_format_renders_as_sft(multi_turn, tmp_path):
     assert chat_ex.ids.tolist() == want.ids.tolist() and _targets(chat_ex) == _targets(want)
     assert raw_ex.ids.tolist() == default_ex.ids.tolist() != want.ids.tolist()
     assert "format 'html' is not 'raw' or 'chat'" in data.skipped.summary()
+    with pytest.warns(UserWarning, match="format 'raw' is for pre-training; sft renders"):
+        assert len(TrainData(str(path), "sft", tok, 80)) == 2  # chat and no format; raw and html skipped
 
 
 # --- config ----------------------------------------------------------------------------------------

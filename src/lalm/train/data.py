@@ -137,6 +137,9 @@ class TrainData:
             raise ChatFormatError(f"{where}: no assistant message to train on")
         if rec.get("format", "raw") not in ("raw", "chat"):
             raise ChatFormatError(f"{where}: format {rec['format']!r} is not 'raw' or 'chat'")
+        if self.stage != "pretrain" and rec.get("format") == "raw":
+            raise ChatFormatError(f"{where}: format 'raw' is for pre-training; {self.stage} renders "
+                                  "every line in the chat template")
         msgs = chat.validate(rec["messages"])
         counts = []
         for src in chat.audios(msgs):
