@@ -89,6 +89,17 @@ def test_pretrain_chat_flags_a_share_of_pretraining_lines(tmp_path):
         Recipe.load(tmp_path)
 
 
+def test_corpus_key_follows_the_build_plan(monkeypatch):
+    """A generator change (here: more spoken questions) makes an existing demo home rebuild its corpus."""
+    from lalm.data import tasks
+    from lalm.demo import corpus_key
+
+    before = corpus_key("small", 0)
+    assert corpus_key("small", 0) == before and corpus_key("small", 1) != before
+    monkeypatch.setitem(tasks.SIZES, "small", {**tasks.SIZES["small"], "voice_chat": 51})
+    assert corpus_key("small", 0) != before
+
+
 def test_quick_demo_end_to_end(tmp_path, capsys):
     """`lalm demo --quick`: corpus, three stages, eval, a model that loads and answers; rerun reuses."""
     import lalm

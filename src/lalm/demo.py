@@ -58,6 +58,14 @@ def _fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def corpus_key(size: str, seed: int) -> str:
+    """The corpus step's fingerprint: the build plan itself (every clip's recipe and every line),
+    not only (size, seed), so a home built before a generator change rebuilds its corpus (~1 s)."""
+    from lalm.data.build import plan_digest
+
+    return _fingerprint({"size": size, "seed": seed, "plan": plan_digest(size, seed)})
+
+
 class Pipeline:
     def __init__(self, home: Path, recipe_dir: Path, quick: bool, force: list[str], progress: bool):
         from lalm.train.recipe import Recipe
@@ -96,7 +104,7 @@ class Pipeline:
 
     def build_corpus(self) -> None:
         r = self.recipe
-        key = _fingerprint({"size": r.corpus_size, "seed": r.corpus_seed})
+        key = corpus_key(r.corpus_size, r.corpus_seed)
         if self._up_to_date("corpus", key, self.corpus / "README.md"):
             return
         from lalm.data.build import build
