@@ -21,7 +21,9 @@ from __future__ import annotations
 import os
 
 # Set before torch loads: with the default (spinning) OpenMP waits, two threads on two shared
-# cores run ~4x slower than one as soon as another process wants a core.
+# cores run ~4x slower than one as soon as another process wants a core. Passive waits cost ~10%
+# when the demo runs alone and gain 1.6x beside one busy process (bench/omp_wait.py,
+# docs/benchmarks.md); the demo takes the safe side. `lalm train` keeps OpenMP's default.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
