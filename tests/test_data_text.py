@@ -54,3 +54,27 @@ def test_parallel_phrases_are_complete():
     assert len(phrases.PHRASES) >= 50
     for row in phrases.PHRASES:
         assert set(row) == set(phrases.LANGS) and all(row.values())
+
+
+def test_training_questions_follow_the_kind_weights_and_the_held_out_set_does_not():
+    """The corpus asks arithmetic more often (QUESTION_KINDS); the held-out set stays uniform."""
+    from collections import Counter
+
+    from lalm.data import sentences, tasks
+    from lalm.data.evalsets import EvalPlanner
+
+    ev = EvalPlanner(tasks.SIZES["full"]["eval_asr"], tasks.SIZES["full"]["eval_chat"], 0)
+    ev.plan(sentences.wordfreq_vocab())
+    p = tasks.Planner("full", 0, ev.reserved)
+    p.voice_chat()
+    spoken_only = [r for key in ("sft/train", "sft/dev") for r in p.out[key]
+                   if r["task"] == "voice_chat" and all(c["type"] == "audio" for c in r["messages"][-2]["content"])]
+    assert len(spoken_only) == tasks.SIZES["full"]["voice_chat"]  # one audio-only turn per question
+    kinds = Counter(r["meta"]["kind"] for r in spoken_only)
+    total = sum(tasks.QUESTION_KINDS.values())
+    for kind, weight in tasks.QUESTION_KINDS.items():
+        assert abs(kinds[kind] / len(spoken_only) - weight / total) < 0.02, (kind, kinds)
+    assert not {r["meta"]["question"] for r in spoken_only} & ev.reserved
+    held_out = ev.out["voice_chat_piper"]
+    arithmetic = sum(any(f" {op} " in line["question"] for op in ("plus", "minus", "times")) for line in held_out)
+    assert 0.1 < arithmetic / len(held_out) < 0.3  # uniform over five kinds, not the training weights

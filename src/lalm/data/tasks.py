@@ -25,15 +25,15 @@ from lalm.data.voices import (
 )
 
 # clips per task (train + dev); examples per clip vary by task.
-# voice_chat 9,000 (was 3,000): a spoken question's answer has to be read from the audio rows
-# directly, and a small decoder learns that per kind of question from spoken examples only (typed
-# ones do not carry over); 6,000 more short clips took held-out voice chat 22 -> 48% (two seeds,
-# docs/lalm-tiny.md, stop 18) for ~25 s of rendering.
+# voice_chat 15,000 (was 3,000, then 9,000): a spoken question's answer has to be read from the
+# audio rows directly, and a small decoder learns that per kind of question from spoken examples
+# only (typed ones do not carry over); 3,000 -> 9,000 -> 15,000 took held-out voice chat
+# 22 -> 48 -> 72% (docs/lalm-tiny.md, stops 18-19) for ~25 s of rendering per 3,000 short clips.
 SIZES = {
     "small": {"asr": 120, "voice_chat": 50, "lid": 25, "sound": 40, "music": 20, "mixed": 10,
               "turns": 8, "silence": 5, "multi": 16, "multi_turn": 10, "eval_asr": 6,
               "eval_chat": 6},
-    "full": {"asr": 7000, "voice_chat": 9000, "lid": 1500, "sound": 1500, "music": 900,
+    "full": {"asr": 7000, "voice_chat": 15000, "lid": 1500, "sound": 1500, "music": 900,
              "mixed": 500, "turns": 400, "silence": 150, "multi": 700, "multi_turn": 500,
              "eval_asr": 150, "eval_chat": 120},
 }
@@ -42,9 +42,16 @@ DEV_SHARE = 0.05
 # 3,000 more flite clips cut held-out Piper WER 60.9 -> 55.4% in an ASR-only run (docs/lalm-tiny.md)
 FLITE_SHARE = 0.35
 NOISE_SHARE = 0.15  # speech clips with added noise at a known SNR
-# Spoken questions also transcribed in pre-training: about 3,000 of the 9,000, as many as when
-# every one of 3,000 was, so pre-training's mix (and its held-out WER) stays as measured.
-QUESTION_ASR_SHARE = 1 / 3
+# Spoken questions also transcribed in pre-training: about 3,000 of the 15,000, as many as when
+# every one of 3,000 was, so pre-training's mix (and its held-out WER) stays as measured; all
+# 9,000 of stop 18 cost 7 points of Piper WER (docs/lalm-tiny.md).
+QUESTION_ASR_SHARE = 1 / 5
+# Spoken questions by kind (lalm.data.facts), training only: the held-out set draws the kinds
+# uniformly. Arithmetic holds ~960 facts (sums and differences of 0-20, products of 2-10), the
+# other kinds a few dozen to a few hundred, and a small decoder learns them only from many spoken
+# examples: 6,000 more arithmetic questions took held-out spoken arithmetic 7 -> 27 of 30 where
+# 6,000 more of every kind took it to 12 (docs/lalm-tiny.md, stop 19).
+QUESTION_KINDS = {"arithmetic": 4, "spelling": 1, "comparison": 1, "counting": 1, "fact": 1}
 
 
 @dataclass
@@ -209,9 +216,10 @@ class Planner:
         rng = self.rng
         for _ in range(self.n["voice_chat"]):
             split, v = self.split(), self.voice()
-            kind, q, ans, wrong = facts.question(rng)
+            kind = rng.choices(list(QUESTION_KINDS), weights=list(QUESTION_KINDS.values()))[0]
+            _, q, ans, wrong = facts.question(rng, kind)
             while q in self.reserved:
-                kind, q, ans, wrong = facts.question(rng)
+                _, q, ans, wrong = facts.question(rng, kind)
             c = self.clip("chat", self.speech(v, q), v.source, split, text=q, answer=ans,
                           wrong=wrong)
             meta = {"voice": v.name, "kind": kind, "question": q}
