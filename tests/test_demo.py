@@ -33,7 +33,8 @@ def test_recipe_rejects_unknown_keys(tmp_path):
 
 def test_spoken_qa_repeat_oversamples_voice_chat_lines_only(tmp_path):
     """select_manifests with spoken_qa_repeat: an SFT line whose user turns are audio alone
-    appears that many times (a line with text in a user turn, once); the BPE text counts it once."""
+    appears that many times (a line with text in a user turn, once); the BPE text counts it once.
+    asr_repeat does the same for transcription lines, and only for them."""
     from lalm.train.recipe import Recipe, manifest_texts, select_manifests, spoken_only
 
     def rec(i, user):
@@ -53,14 +54,18 @@ def test_spoken_qa_repeat_oversamples_voice_chat_lines_only(tmp_path):
     for stage in ("pretrain", "sft", "dpo"):
         (tmp_path / stage).mkdir()
         (tmp_path / stage / "dev.jsonl").write_text("")
-        lines = [spoken, typed] if stage == "sft" else []
+        asr = {**typed, "id": "sft-2", "task": "asr"}
+        lines = [spoken, typed, asr] if stage == "sft" else []
         (tmp_path / stage / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     out = tmp_path / "out"
     counts = select_manifests(tmp_path, out, Recipe(spoken_qa_repeat=3))
-    assert counts["sft/train"] == 4
+    assert counts["sft/train"] == 5
     ids = [r["id"] for r in load_records(out / "sft" / "train.jsonl")]
-    assert ids == ["sft-0", "sft-0", "sft-0", "sft-1"]
-    assert manifest_texts([out / "sft" / "train.jsonl"]).count("4") == 2
+    assert ids == ["sft-0", "sft-0", "sft-0", "sft-1", "sft-2"]
+    assert manifest_texts([out / "sft" / "train.jsonl"]).count("4") == 3
+    select_manifests(tmp_path, out, Recipe(spoken_qa_repeat=3, asr_repeat=2))
+    ids = [r["id"] for r in load_records(out / "sft" / "train.jsonl")]
+    assert ids == ["sft-0", "sft-0", "sft-0", "sft-1", "sft-2", "sft-2"]
 
 
 def test_pretrain_chat_flags_a_share_of_pretraining_lines(tmp_path):

@@ -126,7 +126,8 @@ class Pipeline:
                             "seed": r.text_qa_seed, "vocab": r.vocab_size,
                             "spoken_qa_repeat": r.spoken_qa_repeat, "corpus": self.state.get("corpus"),
                             # (only when set, so homes built before the key keep their checkpoints)
-                            **({"pretrain_chat": r.pretrain_chat} if r.pretrain_chat else {})})
+                            **({"pretrain_chat": r.pretrain_chat} if r.pretrain_chat else {}),
+                            **({"asr_repeat": r.asr_repeat} if r.asr_repeat > 1 else {})})
         data, tok = self.demo / "data", self.demo / "tokenizer"
         if self._up_to_date("data", key, data / "sft" / "train.jsonl", tok / "tokenizer.json"):
             return

@@ -43,6 +43,7 @@ class Recipe:
     text_qa: int = 0  # text-only question/answer lines added to SFT
     text_qa_seed: int = 1234
     spoken_qa_repeat: int = 1  # each SFT line whose user turns are audio alone appears this many times
+    asr_repeat: int = 1  # each SFT transcription line (task "asr") appears this many times
     pretrain_chat: float = 0.0  # share of pre-training lines rendered in the chat template ("format": "chat")
     eval_batch_size: int = 16
     eval_limit: int = 0  # at most N items per eval set (0 = all)
@@ -169,6 +170,11 @@ def select_manifests(corpus: Path, out: Path, recipe: Recipe) -> dict[str, int]:
             # Oversample the voice-chat mode: its answers must come from the audio alone, and
             # 800 SFT steps showed each spoken question ~0.6 times (docs/lalm-tiny.md).
             train = [x for r in train for x in [r] * (recipe.spoken_qa_repeat if spoken_only(r) else 1)]
+        if stage == "sft" and recipe.asr_repeat > 1:
+            # Hold transcription up against the other tasks: with 15,000 spoken questions the
+            # transcription lines fell to 6% of SFT and the others leaked into them (channel
+            # names spelt as letters; docs/lalm-tiny.md, stop 19).
+            train = [x for r in train for x in [r] * (recipe.asr_repeat if r.get("task") == "asr" else 1)]
         if stage == "pretrain" and recipe.pretrain_chat:
             # Some pre-training in the Instruct template: the chat-format transcription SFT and
             # evaluation use then starts from what pre-training learnt (docs/lalm-tiny.md, stop 17).
