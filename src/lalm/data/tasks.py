@@ -27,8 +27,9 @@ from lalm.data.voices import (
 # clips per task (train + dev); examples per clip vary by task.
 # voice_chat 15,000 (was 3,000, then 9,000): a spoken question's answer has to be read from the
 # audio rows directly, and a small decoder learns that per kind of question from spoken examples
-# only (typed ones do not carry over); 3,000 -> 9,000 -> 15,000 took held-out voice chat
-# 22 -> 48 -> 72% (docs/lalm-tiny.md, stops 18-19) for ~25 s of rendering per 3,000 short clips.
+# only (typed ones do not carry over): 3,000 -> 9,000 took held-out voice chat 22 -> 48% (two
+# seeds), 9,000 -> 15,000 54 -> 70-73% (one seed per mix; docs/lalm-tiny.md, stops 18-19), for
+# ~25 s of rendering and ~30 s of encoding per 3,000 short clips.
 SIZES = {
     "small": {"asr": 120, "voice_chat": 50, "lid": 25, "sound": 40, "music": 20, "mixed": 10,
               "turns": 8, "silence": 5, "multi": 16, "multi_turn": 10, "eval_asr": 6,
