@@ -90,10 +90,13 @@ def export(home: Path, out: Path, limit: int) -> None:
     pack(load_records(home / "corpus" / "eval" / "asr_real.jsonl"), "real", False)
 
 
-def extra(tok_dir: Path, mode: str, n: int, out: Path) -> None:
+def extra(tok_dir: Path, mode: str, n: int, out: Path, text: str = "mix") -> None:
     """n more ASR clips, text from the corpus generator minus the held-out eval text, packed like
     `export`'s train set. mode: flite / flite2 (flite voices, two seeds), espeak (espeak-ng), speed (espeak-ng resampled
-    by 0.8-1.2: tempo, pitch and vocal tract length), flitespeed (flite voices so resampled)."""
+    by 0.8-1.2: tempo, pitch and vocal tract length), flitespeed (flite voices so resampled), corpus (flite
+    at the corpus's share, else espeak-ng). text: mix (the corpus's kinds), cover (word lists that walk
+    a shuffled copy of the 20k vocabulary, so n clips cover ~6.5 n distinct words), zipf (word lists
+    drawn with weight rank^-0.5: frequent words often, every word sometimes)."""
     import numpy as np
     import soundfile as sf
     import soxr
@@ -102,6 +105,7 @@ def extra(tok_dir: Path, mode: str, n: int, out: Path) -> None:
     from lalm import chat
     from lalm.config import ModelConfig
     from lalm.data import build, render, sentences
+    from lalm.data.tasks import FLITE_SHARE
     from lalm.data.voices import (
         ENGLISH_ACCENTS,
         FEMALE_VARIANTS,
@@ -116,21 +120,37 @@ def extra(tok_dir: Path, mode: str, n: int, out: Path) -> None:
     from lalm.train.encoder_cache import FeatureCache
     from lalm.train.importers import load_encoder
 
-    rng = random.Random({"flite": 11, "speed": 12, "flite2": 13, "flitespeed": 14, "espeak": 15}[mode])
+    rng = random.Random({"flite": 11, "speed": 12, "flite2": 13, "flitespeed": 14, "espeak": 15, "corpus": 16}[mode]
+                        + {"mix": 0, "cover": 100, "zipf": 200}[text])
     reserved, vocab = build.plan("full", 0)[1].reserved, sentences.wordfreq_vocab()
+    walk: list[str] = []
+    zipf_w = [(r + 1) ** -0.5 for r in range(len(vocab))]  # wordfreq_vocab is in frequency order
+
+    def draw() -> tuple[str, str]:
+        if text == "mix":
+            return sentences.sentence(rng, vocab)
+        k = rng.randint(4, 9)
+        if text == "zipf":
+            return "wordlist", " ".join(rng.choices(vocab, weights=zipf_w, k=k))
+        while len(walk) < k:
+            more = vocab[:]
+            rng.shuffle(more)
+            walk.extend(more)
+        return "wordlist", " ".join(walk.pop() for _ in range(k))
+
     (out / "audio").mkdir(parents=True, exist_ok=True)
     clips = []
     for i in range(n):
         rate = rng.choice((rng.randint(115, 149), rng.randint(150, 205), rng.randint(150, 205), rng.randint(206, 250)))
         pitch = rng.randint(15, 90)
-        if mode.startswith("flite"):
+        if mode.startswith("flite") or (mode == "corpus" and rng.random() < FLITE_SHARE):
             name = rng.choice(sorted(FLITE_VOICES))
             v = Voice("flite", name, FLITE_VOICES[name][0], None, min(rate, 220), rng.choice((50, 50, pitch)))
         else:
             var = rng.choice(FEMALE_VARIANTS + MALE_VARIANTS)
             v = Voice("espeak-ng", f"{rng.choice(sorted(ENGLISH_ACCENTS))}+{var}", None, None, rate, pitch)
         for _ in range(50):
-            kind, words = sentences.sentence(rng, vocab)
+            kind, words = draw()
             if words not in reserved:
                 break
         wave = render.render({"kind": "tts", "engine": v.engine, "voice": v.name, "rate": v.rate,
@@ -378,7 +398,8 @@ def main() -> None:
     e.add_argument("--limit", type=int, default=2250)
     x = sub.add_parser("extra")
     x.add_argument("--tokenizer", required=True, help="the export's tokenizer folder")
-    x.add_argument("--mode", choices=("flite", "flite2", "speed", "flitespeed", "espeak"), required=True)
+    x.add_argument("--mode", choices=("flite", "flite2", "speed", "flitespeed", "espeak", "corpus"), required=True)
+    x.add_argument("--text", choices=("mix", "cover", "zipf"), default="mix")
     x.add_argument("--n", type=int, default=3000)
     x.add_argument("--out", required=True)
     r = sub.add_parser("run")
@@ -391,7 +412,7 @@ def main() -> None:
         export(Path(a.home).expanduser(), Path(a.out), a.limit)
     elif a.cmd == "extra":
         torch.set_num_threads(1)
-        extra(Path(a.tokenizer), a.mode, a.n, Path(a.out))
+        extra(Path(a.tokenizer), a.mode, a.n, Path(a.out), a.text)
     elif a.one:
         run_one(json.loads(a.one), Path(a.data))
     else:
