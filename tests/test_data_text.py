@@ -78,3 +78,28 @@ def test_training_questions_follow_the_kind_weights_and_the_held_out_set_does_no
     held_out = ev.out["voice_chat_piper"]
     arithmetic = sum(any(f" {op} " in line["question"] for op in ("plus", "minus", "times")) for line in held_out)
     assert 0.1 < arithmetic / len(held_out) < 0.3  # uniform over five kinds, not the training weights
+
+
+def test_held_out_lines_name_their_subset():
+    """Every held-out ASR line names its kind of sentence, every spoken question its kind of
+    question, every real recording its group, so `lalm eval` can say where the errors are."""
+    from lalm.data import facts, sentences, tasks
+    from lalm.data.evalsets import EvalPlanner, real_subset
+
+    ev = EvalPlanner(tasks.SIZES["full"]["eval_asr"], tasks.SIZES["full"]["eval_chat"], 0)
+    ev.plan(sentences.wordfreq_vocab())
+    piper = ev.out["asr_piper"]
+    assert {r["subset"] for r in piper} <= set(sentences.KIND_WEIGHTS) and len({r["subset"] for r in piper}) >= 6
+    vocab = set(sentences.wordfreq_vocab())
+    by = {k: [r["reference"].split() for r in piper if r["subset"] == k] for k in ("letters", "nato", "wordlist")}
+    assert all(len(w) == 1 for words in by["letters"] for w in words) and by["letters"]
+    assert all(w in sentences.NATO for words in by["nato"] for w in words) and by["nato"]
+    assert all(w in vocab for words in by["wordlist"] for w in words) and by["wordlist"]
+    chat = ev.out["voice_chat_piper"]
+    assert {r["subset"] for r in chat} == set(facts.KINDS)
+    assert all(r["subset"] != "arithmetic" or any(f" {op} " in r["question"] for op in ("plus", "minus", "times"))
+               for r in chat)
+    assert all(r["subset"] == real_subset(r["source"]) for r in ev.out.get("asr_real", []))
+    assert [real_subset(s) for s in ("pocketsphinx-testdata:librivox/x-0870.wav", "pocketsphinx-testdata:cards/001.wav",
+                                     "pocketsphinx-testdata:goforward.raw", "alsa-utils:Front_Left.wav")] == [
+        "librivox", "cards", "goforward", "alsa-utils"]

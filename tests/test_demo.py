@@ -125,6 +125,11 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     saved = json.loads((home / "demo-quick" / "eval" / "results.json").read_text())
     sets = {s for r in saved["results"].values() for s in r["by_source"]}
     assert {"asr_piper", "asr_real", "voice_chat_piper", "coarse"} <= sets
+    # ... and by kind of sentence / question, printed and kept in results.md
+    assert {"asr_piper", "voice_chat_piper"} <= set(saved["results"]["asr"]["by_subset"]) | set(
+        saved["results"]["voice_chat"]["by_subset"])
+    assert "| held-out eval set | kind | n | lalm-tiny |" in out
+    assert "| kind | n |" in (home / "demo-quick" / "results.md").read_text()
     assert {"before", "after"} <= set(saved["dpo"])
     assert (home / "demo-quick" / "loss_curves.png").is_file() and (home / "demo-quick" / "metrics.png").is_file()
     # the stages ran through lalm.train.loop (its config.yaml and summary) on the demo's feature cache

@@ -190,6 +190,40 @@ def test_report_puts_the_paper_beside_ours(tmp_path):
     assert "| LibriSpeech test-clean | 3 | WER % | 2.00 | - | 1.60 | 1.70 |" in paths["markdown"].read_text()
 
 
+def test_subsets_are_scored_apart_within_their_set(tmp_path, monkeypatch, capsys):
+    """lalm's eval lines may name a subset (the kind of sentence or question): each one gets its
+    own score beside the set's, from the predictions file alone."""
+    root = tmp_path / "corpus"
+    lines, answers = [], {}
+    for i, (ref, hyp, subset) in enumerate([("turn left", "ten", "command"),            # 1 sub + 1 del of 2
+                                            ("open the door", "open the door", "command"),  # 0 of 3
+                                            ("paul sang loudly", "paul sang", "everyday"),  # 1 del of 3
+                                            ("red blue", "red blue", None)]):               # no subset
+        wav = _tone(root / "audio" / f"{i}.wav")
+        answers[wav.stem] = hyp
+        row = {"id": f"a{i}", "source": "piper", "task": "asr", "reference": ref,
+               "messages": [{"role": "user", "content": [{"type": "audio", "audio": f"../audio/{i}.wav"},
+                                                         {"type": "text", "text": "Transcribe this audio."}]}]}
+        lines.append(json.dumps(row | ({"subset": subset} if subset else {})))
+    (root / "eval").mkdir(parents=True)
+    (root / "eval" / "asr_piper.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(lalm, "load", lambda path, dtype=None, device=None: StubLM(answers))
+    out = tmp_path / "report"
+    assert main(["eval", "--model", "stub", "--data", str(root / "eval"), "--output", str(out), "--no-progress"]) == 0
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p.get("subset") for p in preds] == ["command", "command", "everyday", None]
+    rep = json.loads((out / "report.json").read_text())["tasks"]["asr"]
+    assert rep["metrics"]["wer"] == pytest.approx(3 / 10)
+    assert rep["by_subset"] == {"asr_piper": {"command": {"wer": pytest.approx(2 / 5), "count": 2},
+                                              "everyday": {"wer": pytest.approx(1 / 3), "count": 1}}}
+    md = (out / "report.md").read_text()
+    assert "| asr_piper | command | 2 | WER % | 40.00 |" in md and "| asr_piper | everyday | 1 | WER % | 33.33 |" in md
+    assert main(["eval", "score", "--task", "asr", "--predictions", str(out / "predictions.jsonl"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["by_subset"]["asr_piper"]["command"]["count"] == 2
+    # Records without subsets report none.
+    assert "by_subset" not in score_records([{"task": "asr", "source": "s", "reference": "a", "prediction": "a"}])["asr"]
+
+
 # ---------------------------------------------------------------------------------------------- torchrun
 def _rank_main(rank: int, world: int, data: str, pred: str, port: int):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

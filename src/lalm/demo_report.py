@@ -123,6 +123,20 @@ def results_table(results: dict) -> tuple[str, dict]:
     return "\n".join(lines), scores
 
 
+def subset_table(results: dict) -> str:
+    """The held-out sets by kind of sentence, question or recording (the eval lines' `subset`):
+    where the errors are, e.g. word-list sentences against template ones."""
+    lines = ["| held-out eval set | kind | n | lalm-tiny |", "|---|---|---|---|"]
+    for res in results.values():
+        for source, subsets in (res.get("by_subset") or {}).items():
+            label = TARGETS.get(source, (source,))[0]
+            for name, m in subsets.items():
+                key = "wer" if "wer" in m else "accuracy"
+                if isinstance(m.get(key), (int, float)):
+                    lines.append(f"| {label} | {name} | {m.get('count', '-')} | {100.0 * float(m[key]):.1f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def dpo_table(dpo: dict) -> str:
     b, a = dpo.get("before", {}), dpo.get("after", {})
     lines = ["| preference dev set (greedy answers) | SFT (before DPO) | DPO (after) |", "|---|---|---|"]
@@ -217,9 +231,12 @@ def finish(p, saved: dict) -> None:
     results, dpo = saved["results"], saved.get("dpo", {})
     table, scores = results_table(results)
     print("\n== lalm-tiny on held-out dev sets (sources never used in training) ==\n" + table)
+    kinds = subset_table(results)
+    if kinds:
+        print("\n== the same sets by kind of sentence, question or recording ==\n" + kinds)
     print("\n== DPO: before (SFT model) and after ==\n" + dpo_table(dpo))
     paths = plot(p, scores)
-    (p.demo / "results.md").write_text(f"{table}\n\n{dpo_table(dpo)}\n")
+    (p.demo / "results.md").write_text(f"{table}\n\n{kinds + chr(10) * 2 if kinds else ''}{dpo_table(dpo)}\n")
     print("\nplots: " + "  ".join(str(x) for x in paths) + f"  {p.demo / 'eval' / 'report.png'}")
 
     print("\n== example turns (held-out audio) ==")

@@ -84,7 +84,7 @@ def _finish(recs: list[dict], prefix: str, durations: dict[str, float]) -> list[
     for i, r in enumerate(recs):
         rec = {"id": f"{prefix}-{i:06d}", "source": r["source"], "task": r["task"],
                "messages": _from_manifest(r["messages"])}
-        for k in ("chosen", "rejected", "reference", "lang", "question"):
+        for k in ("chosen", "rejected", "reference", "lang", "question", "subset"):
             if k in r:
                 rec[k] = r[k]
         rec["durations"] = {f"../{p}": durations[p] for p in dict.fromkeys(audio_paths(r))}

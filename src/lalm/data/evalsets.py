@@ -66,6 +66,12 @@ def real_speech() -> list[tuple[str, str, str]]:
     return items
 
 
+def real_subset(source: str) -> str:
+    """The group of a real recording: librivox, cards, goforward (pocketsphinx-testdata) or alsa-utils."""
+    package, _, name = source.partition(":")
+    return package if package == "alsa-utils" else name.split("/")[0].removesuffix(".raw")
+
+
 class EvalPlanner:
     def __init__(self, n_asr: int, n_chat: int, seed: int):
         self.rng = random.Random(seed * 7919 + 17)  # a stream of its own: not the training one
@@ -81,12 +87,14 @@ class EvalPlanner:
         return c
 
     def _line(self, name: str, c: Clip, task: str, parts: list[dict], ref: str,
-              lang: str | None = None, question: str | None = None):
+              lang: str | None = None, question: str | None = None, subset: str | None = None):
         rec = {"source": c.source, "task": task, "messages": [user(*parts)], "reference": ref}
         if lang:
             rec["lang"] = lang
         if question:  # the spoken question as text, for judges and error analysis
             rec["question"] = question
+        if subset:  # the kind of text or question: `lalm eval` scores each one apart too
+            rec["subset"] = subset
         self.out.setdefault(name, []).append(rec)
 
     def plan(self, vocab: list[str]) -> None:
@@ -100,22 +108,22 @@ class EvalPlanner:
             c = self._clip("asr_piper", {"kind": "tts", "engine": "piper", "voice": PIPER_VOICE,
                                          "rate": 175, "pitch": 50, "text": sentences.spoken(kind, t),
                                          "gain_db": 0.0}, piper_src)
-            self._line("asr_piper", c, "asr", [audio(c), text(P.ASR_CANONICAL)], t, "en")
-        qs: dict[str, str] = {}
+            self._line("asr_piper", c, "asr", [audio(c), text(P.ASR_CANONICAL)], t, "en", subset=kind)
+        qs: dict[str, tuple[str, str]] = {}  # question -> (answer, kind)
         while len(qs) < self.n_chat:
-            _, q, ans, _ = facts.question(rng)
-            qs.setdefault(q, ans)
-        for q, ans in qs.items():
+            qkind, q, ans, _ = facts.question(rng)
+            qs.setdefault(q, (ans, qkind))
+        for q, (ans, qkind) in qs.items():
             c = self._clip("voice_chat_piper", {"kind": "tts", "engine": "piper", "voice": PIPER_VOICE,
                                                 "rate": 175, "pitch": 50, "text": q, "gain_db": 0.0}, piper_src)
-            self._line("voice_chat_piper", c, "voice_chat", [audio(c)], ans, "en", q)
+            self._line("voice_chat_piper", c, "voice_chat", [audio(c)], ans, "en", q, subset=qkind)
         self.reserved = set(asr) | set(qs)
         coarse_speech = []
         for path, t, src in real_speech():
             self.reserved.add(t)
             kind = "raw16" if path.endswith(".raw") else "file"
             c = self._clip("asr_real", {"kind": kind, "path": path, "max_seconds": 30.0, "gain_db": 0.0}, src)
-            self._line("asr_real", c, "asr", [audio(c), text(P.ASR_CANONICAL)], t, "en")
+            self._line("asr_real", c, "asr", [audio(c), text(P.ASR_CANONICAL)], t, "en", subset=real_subset(src))
             coarse_speech.append(c)
         held = sounds.held_out_files()
         for f in sounds.sonic_pi_files():

@@ -31,7 +31,10 @@ plus `"chosen": "..."` (the correct answer) and `"rejected": "..."` (a wrong or 
 
 Evaluation lines (`DIR/eval/<name>.jsonl`): `messages` holds the prompt turns only, plus
 `"reference"`: the exact expected answer, and `"lang"` (e.g. "en") where the task has one;
-voice-chat lines also carry `"question"`, the spoken question as text. Scorers normalise
+voice-chat lines also carry `"question"`, the spoken question as text, and lalm's own sets a
+`"subset"` (asr_piper: the kind of sentence, e.g. "wordlist"; voice_chat_piper: the kind of
+question; asr_real: librivox, cards, goforward, alsa-utils), which `lalm eval` scores apart
+beside the whole set. Scorers normalise
 both sides (ASR: WER; voice chat / coarse / sound: exact match). Eval sets written by
 `lalm data build`: asr_piper, voice_chat_piper, asr_real, sound, coarse.
 

@@ -330,7 +330,8 @@ def _resolve_audio(messages: list, base: Path) -> list[str]:
 def manifest(path: Path) -> list[EvalItem]:
     """lalm's eval manifests: the conversation to answer plus `reference` (or a final assistant turn).
 
-    The item's source is the set's name (the file stem), so a report has one row per eval set.
+    The item's source is the set's name (the file stem), so a report has one row per eval set;
+    a line's optional `subset` (the kind of sentence or question) is scored apart as well.
     """
     items = []
     for n, row in _jsonl(path):
@@ -353,7 +354,7 @@ def manifest(path: Path) -> list[EvalItem]:
             id=str(row.get("id", n)), source=path.stem,
             task=str(row.get("task", path.stem)), lang=str(row.get("lang") or "en"), audio=audio,
             reference=str(reference), messages=messages, question=row.get("question"),
-            extra={"origin": str(row.get("source", ""))},
+            extra={"origin": str(row.get("source", ""))} | ({"subset": str(row["subset"])} if row.get("subset") else {}),
         ))
     return items
 

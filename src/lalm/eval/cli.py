@@ -77,7 +77,8 @@ def _clean(x):
 def summary_json(task: str, results: dict[str, dict]) -> dict:
     if len(results) == 1:
         (name, res), = results.items()
-        return _clean({"task": name, "metrics": res["metrics"], "by_source": res["by_source"]})
+        return _clean({"task": name, "metrics": res["metrics"], "by_source": res["by_source"]}
+                      | ({"by_subset": res["by_subset"]} if res.get("by_subset") else {}))
     return _clean({
         "task": task,
         "metrics": {f"{t}/{k}": v for t, r in results.items() for k, v in r["metrics"].items()},

@@ -94,9 +94,27 @@ def markdown(results: dict[str, dict], title: str = "lalm eval") -> str:
                          f"{_fmt(r['ours'], r['metric'])} | {_fmt(r.get('ours_lenient'), r['metric'])} | "
                          f"{_fmt(r['paper'], r['metric'])} | {_fmt(r['hf_converted'], r['metric'])} |")
         lines.append("")
+        lines += _subset_lines(res)
     lines += [("Paper: Qwen2-Audio Table 2; HF-converted: the official README's second table. "
                "WER in percent; accuracy as a fraction."), ""]
     return "\n".join(lines)
+
+
+def _subset_lines(res: dict) -> list[str]:
+    """A source's records by kind of sentence or question (lalm's eval manifests carry a subset)."""
+    by_subset = res.get("by_subset") or {}
+    if not by_subset:
+        return []
+    lines = ["By subset:", "", "| source | subset | n | metric | ours |", "|---|---|---:|---|---:|"]
+    for source, subsets in by_subset.items():
+        for name, m in subsets.items():
+            metric = next((k for k in ("wer", "bleu", "accuracy", "score") if k in m), None)
+            value = _num(m.get(metric)) if metric else None
+            if metric == "wer" and value is not None:
+                value *= 100
+            unit = _UNITS.get(metric, metric or "-")
+            lines.append(f"| {source} | {name} | {m.get('count', '-')} | {unit} | {_fmt(value, unit)} |")
+    return lines + [""]
 
 
 def chart(results: dict[str, dict], path: str | Path) -> Path:

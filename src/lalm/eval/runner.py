@@ -60,8 +60,9 @@ def prediction_record(item: EvalItem, prediction: str, error: str | None = None)
         rec["question"] = item.question or ""
     if item.meta_info is not None:
         rec["meta_info"] = item.meta_info
-    if item.extra.get("origin"):
-        rec["origin"] = item.extra["origin"]
+    for key in ("origin", "subset"):
+        if item.extra.get(key):
+            rec[key] = item.extra[key]
     if error is not None:
         rec["error"] = error
     return rec
@@ -180,7 +181,9 @@ def _merge(path: Path, items: list[EvalItem], world: int) -> None:
 
 
 def score_records(records: list[dict], task: str = "auto", judge=None) -> dict[str, dict]:
-    """{task: {"metrics", "by_source"}}; with task "auto", records group by their "task" field."""
+    """{task: {"metrics", "by_source"[, "by_subset"]}}; with task "auto", records group by their
+    "task" field. Records with a "subset" (lalm's eval manifests: the kind of sentence or question)
+    are also scored per (source, subset): by_subset = {source: {subset: metrics}}."""
     groups: dict[str, list[dict]] = {}
     for r in records:
         for key in ("prediction", "reference"):
@@ -200,4 +203,12 @@ def score_records(records: list[dict], task: str = "auto", judge=None) -> dict[s
             results[t] = score_chat(group, judge)
         else:
             results[t] = metrics.scorer_for(t)(group)
+            subsets: dict[str, dict[str, list[dict]]] = {}
+            for r in group:
+                if r.get("subset"):
+                    subsets.setdefault(str(r.get("source", "")), {}).setdefault(str(r["subset"]), []).append(r)
+            if subsets:
+                results[t]["by_subset"] = {
+                    src: {name: metrics.scorer_for(t)(recs)["metrics"] for name, recs in sorted(by.items())}
+                    for src, by in sorted(subsets.items())}
     return results
