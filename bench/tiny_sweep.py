@@ -19,7 +19,8 @@ rows), tmask/tmask_len (zeroed spans), fnoise, short_first/short_len (a curricul
 steps 0 it is only scored), ema (decay of an exponential moving average of the weights, scored beside the raw
 weights as "<set>_ema"), lsmooth (label smoothing), meanswap (probability that a clip's mean row
 is replaced by another clip's of the batch: a crude speaker/channel swap), chdrop (each clip loses
-this fraction of its feature channels, at every row).
+this fraction of its feature channels, at every row), dump (a jsonl file: every held-out prediction
+at every evaluation).
 Not a test and not part of lalm: an experiment harness whose findings live in configs/tiny.
 """
 
@@ -43,7 +44,7 @@ DEFAULTS = {"layers": 2, "hidden": 256, "ffn": 768, "heads": 4, "kv": 2, "lr": 1
             "steps": 3000, "warmup": 40, "wd": 0.01, "evals": [1000, 2000, 3000], "ctc": 0.0,
             "tied": 1, "fdrop": 0.0, "tmask": 0, "tmask_len": 8, "fnoise": 0.0, "short_first": 0,
             "short_len": 5, "max_new": 40, "seed": 0, "tnoise": 0.0, "extra": [], "limit": 0,
-            "beta2": 0.999, "ema": 0.0, "lsmooth": 0.0, "meanswap": 0.0, "chdrop": 0.0, "init": ""}
+            "beta2": 0.999, "ema": 0.0, "lsmooth": 0.0, "meanswap": 0.0, "chdrop": 0.0, "init": "", "dump": ""}
 
 
 def export(home: Path, out: Path, limit: int) -> None:
@@ -307,6 +308,10 @@ def run_one(cfg: dict, data: Path) -> None:
         for name, (feats, items_) in held.items():
             hyps = greedy(items_, feats)
             row[name], row[name + "_examples"] = round(wer([m["ref"] for m in items_], hyps), 1), hyps[:2]
+            if cfg["dump"]:  # every prediction, for error analysis (e.g. by subset, lalm eval's grouping)
+                with open(cfg["dump"], "a") as f:
+                    f.writelines(json.dumps({"set": name, "step": step, "reference": m["ref"], "prediction": h}) + "\n"
+                                 for m, h in zip(items_, hyps))
         row["train"] = round(wer([m["ref"] for m in train[:60]], greedy(train[:60], X)), 1)
         if cfg["ema"]:
             with torch.no_grad():
