@@ -68,46 +68,6 @@ def test_spoken_qa_repeat_oversamples_voice_chat_lines_only(tmp_path):
     assert ids == ["sft-0", "sft-0", "sft-0", "sft-1", "sft-2", "sft-2"]
 
 
-def test_question_asr_adds_transcripts_of_distinct_spoken_questions(tmp_path):
-    """question_asr: N spoken-only voice-chat clips (distinct, repeats counted once) also appear
-    as transcription lines whose answer is the question; typed lines and lines without a
-    question in their meta are never picked; 0 adds nothing."""
-    import numpy as np
-    import soundfile as sf
-
-    from lalm.train.recipe import Recipe, select_manifests, spoken_only
-
-    lines = []
-    for i in range(6):
-        wav = tmp_path / "audio" / "chat" / f"{i:06d}.wav"
-        wav.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(wav, np.zeros(1600, dtype=np.float32), 16000)
-        meta = {"kind": "fact", "question": f"question number {i}"} if i != 5 else {"kind": "fact"}
-        lines.append({"id": f"sft-{i}", "source": "flite:slt", "task": "voice_chat", "meta": meta,
-                      "messages": [{"role": "user", "content": [{"type": "audio", "audio": str(wav)}]
-                                    + ([{"type": "text", "text": "Answer it."}] if i == 4 else [])},
-                                   {"role": "assistant", "content": str(i)}]})
-    for stage in ("pretrain", "sft", "dpo"):
-        (tmp_path / stage).mkdir()
-        (tmp_path / stage / "dev.jsonl").write_text("")
-        (tmp_path / stage / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (lines if stage == "sft" else [])))
-    out = tmp_path / "out"
-    assert select_manifests(tmp_path, out, Recipe(spoken_qa_repeat=2))["sft/train"] == 11  # 5 spoken x2 + 1 typed
-    assert select_manifests(tmp_path, out, Recipe(spoken_qa_repeat=2, question_asr=10))["sft/train"] == 15
-    recs = load_records(out / "sft" / "train.jsonl")
-    added = [r for r in recs if r["task"] == "asr"]
-    assert sorted(r["messages"][-1]["content"] for r in added) == [f"question number {i}" for i in range(4)]
-    from lalm.data.prompts import ASR
-
-    for r in added:  # the spoken question's own clip, with a transcription instruction
-        i = int(r["messages"][-1]["content"].split()[-1])
-        assert not spoken_only(r) and r["id"] == f"sft-{i}-asr"
-        parts = r["messages"][0]["content"]
-        assert [p["audio"] for p in parts if p["type"] == "audio"] == [lines[i]["messages"][0]["content"][0]["audio"]]
-        assert [p["text"] in ASR for p in parts if p["type"] == "text"] == [True]
-    assert select_manifests(tmp_path, out, Recipe(spoken_qa_repeat=2, question_asr=2))["sft/train"] == 13
-
-
 def test_pretrain_chat_flags_a_share_of_pretraining_lines(tmp_path):
     """pretrain_chat: that share of pre-training lines (seeded) gets "format": "chat"; other
     stages and a share of 0 are untouched; a share outside [0, 1] is a recipe error."""

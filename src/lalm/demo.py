@@ -127,8 +127,7 @@ class Pipeline:
                             "spoken_qa_repeat": r.spoken_qa_repeat, "corpus": self.state.get("corpus"),
                             # (only when set, so homes built before the key keep their checkpoints)
                             **({"pretrain_chat": r.pretrain_chat} if r.pretrain_chat else {}),
-                            **({"asr_repeat": r.asr_repeat} if r.asr_repeat > 1 else {}),
-                            **({"question_asr": r.question_asr} if r.question_asr else {})})
+                            **({"asr_repeat": r.asr_repeat} if r.asr_repeat > 1 else {})})
         data, tok = self.demo / "data", self.demo / "tokenizer"
         if self._up_to_date("data", key, data / "sft" / "train.jsonl", tok / "tokenizer.json"):
             return

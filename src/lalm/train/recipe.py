@@ -44,7 +44,6 @@ class Recipe:
     text_qa_seed: int = 1234
     spoken_qa_repeat: int = 1  # each SFT line whose user turns are audio alone appears this many times
     asr_repeat: int = 1  # each SFT transcription line (task "asr") appears this many times
-    question_asr: int = 0  # SFT transcription lines for this many spoken questions (the same clips, asked to transcribe)
     pretrain_chat: float = 0.0  # share of pre-training lines rendered in the chat template ("format": "chat")
     eval_batch_size: int = 16
     eval_limit: int = 0  # at most N items per eval set (0 = all)
@@ -152,29 +151,6 @@ def text_questions(n: int, seed: int, exclude: set[str]) -> list[dict]:
     return out
 
 
-def question_transcripts(records: list[dict], n: int, seed: int) -> list[dict]:
-    """Transcription lines for n distinct spoken questions of `records` (audio-only voice-chat
-    lines whose meta names the question): the same clip, asked to transcribe, gives the question."""
-    from lalm.data import prompts as P
-
-    rng = random.Random(seed)
-    seen, pool = set(), []
-    for r in records:
-        question = (r.get("meta") or {}).get("question")
-        if (r.get("task") == "voice_chat" and question and spoken_only(r) and len(_audio(r)) == 1
-                and _audio(r)[0] not in seen):
-            seen.add(_audio(r)[0])
-            pool.append(r)
-    out = []
-    for r in rng.sample(pool, min(n, len(pool))):
-        clip, ask = {"type": "audio", "audio": _audio(r)[0]}, {"type": "text", "text": P.pick(rng, P.ASR, 0.6)}
-        out.append({"id": f"{r['id']}-asr", "source": r["source"], "task": "asr",
-                    "messages": [{"role": "user", "content": [ask, clip] if rng.random() < 0.2 else [clip, ask]},
-                                 {"role": "assistant", "content": r["meta"]["question"]}],
-                    "meta": r["meta"]})
-    return out
-
-
 def _write(path: Path, recs: list[dict]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -199,11 +175,6 @@ def select_manifests(corpus: Path, out: Path, recipe: Recipe) -> dict[str, int]:
             # transcription lines fell to 6% of SFT and the others leaked into them (channel
             # names spelt as letters; docs/lalm-tiny.md, stop 19).
             train = [x for r in train for x in [r] * (recipe.asr_repeat if r.get("task") == "asr" else 1)]
-        if stage == "sft" and recipe.question_asr:
-            # Short clips must be transcribed when asked, not answered: in SFT a clip of a second
-            # or two was nearly always a spoken question, and the short commands, NATO words and
-            # letters lost 18-36 points of WER there (docs/lalm-tiny.md, stop 20).
-            train += question_transcripts(train, recipe.question_asr, recipe.corpus_seed + 29)
         if stage == "pretrain" and recipe.pretrain_chat:
             # Some pre-training in the Instruct template: the chat-format transcription SFT and
             # evaluation use then starts from what pre-training learnt (docs/lalm-tiny.md, stop 17).
