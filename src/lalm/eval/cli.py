@@ -9,7 +9,7 @@ covost2, meld, vocalsound, airbench; detected from its files, or named with --be
 official eval jsonl ({"audio","prompt","gt","source"}), a lalm eval manifest, or a folder of
 manifests (e.g. the corpus's DIR/eval: every set there is evaluated, one report for all).
 Predictions go to OUTPUT/predictions.jsonl (restartable: done ids are skipped), the report to
-OUTPUT/report.{md,json,png}. Under torchrun each rank takes a shard; rank 0 merges and scores.
+OUTPUT/report.{md,json,png}: per source, and per subset where the eval lines name one. Under torchrun each rank takes a shard; rank 0 merges and scores.
 
 Metrics: asr -> WER (official normaliser chain; characters for zh/yue), s2tt -> corpus BLEU,
 ser/vsc -> exact-match accuracy (official) and lenient accuracy, chat -> AIR-Bench judge score
