@@ -5,6 +5,10 @@ through the one loop on cached encoder features, produces a loadable checkpoint 
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -103,6 +107,25 @@ def test_corpus_key_follows_the_build_plan(monkeypatch):
     assert corpus_key("small", 0) == before and corpus_key("small", 1) != before
     monkeypatch.setitem(tasks.SIZES, "small", {**tasks.SIZES["small"], "voice_chat": 51})
     assert corpus_key("small", 0) != before
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 code paths only")
+def test_demo_pins_the_avx2_code_paths():
+    """The demo trains the same model on AVX2 and AVX-512 hosts only with torch, MKL and oneDNN held
+    to their AVX2 paths (docs/lalm-tiny.md, stop 22): importing lalm.demo sets them, even after
+    torch, and a variable the user set wins."""
+    pinned = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+    code = ("import os, torch, lalm.demo; print(torch.backends.cpu.get_cpu_capability(), "
+            + ", ".join(f"os.environ['{v}']" for v in pinned[1:]) + ")")
+
+    def run(**extra):
+        env = {k: v for k, v in os.environ.items() if k not in pinned} | extra
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    cap, mkl, onednn = run()
+    assert cap in ("AVX2", "DEFAULT") and (mkl, onednn) == ("AVX2", "AVX2")  # DEFAULT: a CPU without AVX2
+    assert run(ATEN_CPU_CAPABILITY="default", MKL_CBWR="AUTO")[:2] == ["DEFAULT", "AUTO"]
 
 
 def test_quick_demo_end_to_end(tmp_path, capsys):

@@ -19,12 +19,23 @@ results and the examples. --quick builds the small corpus and a toy model in a f
 from __future__ import annotations
 
 import os
+import platform
 
 # Set before torch loads: with the default (spinning) OpenMP waits, two threads on two shared
 # cores run ~4x slower than one as soon as another process wants a core. Passive waits cost ~10%
 # when the demo runs alone and gain 1.6x beside one busy process (bench/omp_wait.py,
 # docs/benchmarks.md); the demo takes the safe side. `lalm train` keeps OpenMP's default.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The same lalm-tiny on every x86 host. torch's vectorised kernels, MKL's GEMMs and oneDNN each
+# pick a code path by CPU, and the AVX-512 and AVX2 paths round differently: on an AVX-512 EPYC
+# the recipe trained another model (pre-training loss 0.2333 vs 0.2029 on the AVX2 hosts; voice
+# chat 68.3 vs 75.8%). Held to AVX2, which every x86-64 CPU of the last decade has, that host
+# pre-trained the AVX2 hosts' model to the digit and ended within a question or two of their
+# figures, at ~the same speed (docs/lalm-tiny.md, stop 22). Read when each library first
+# computes, so setting them here works even after torch is imported; a variable the user set wins.
+if platform.machine().lower() in ("x86_64", "amd64"):
+    for _var, _isa in (("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_CBWR", "AVX2"), ("ONEDNN_MAX_CPU_ISA", "AVX2")):
+        os.environ.setdefault(_var, _isa)
 
 import argparse
 import hashlib
