@@ -128,6 +128,33 @@ def test_demo_pins_the_avx2_code_paths():
     assert run(ATEN_CPU_CAPABILITY="default", MKL_CBWR="AUTO")[:2] == ["DEFAULT", "AUTO"]
 
 
+def test_demo_spins_openmp_waits_only_on_an_idle_machine(monkeypatch):
+    """Spinning waits are ~1.35x faster alone and ~2x slower beside a busy process (docs/benchmarks.md):
+    the demo keeps OpenMP's default only when nothing else used a quarter core; a user's value wins."""
+    from lalm.demo import choose_openmp_waits
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert "spinning" in choose_openmp_waits(0.05) and "OMP_WAIT_POLICY" not in os.environ
+    for busy in (0.3, 1.0, None):
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        assert choose_openmp_waits(busy).startswith("PASSIVE") and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert choose_openmp_waits(2.0) == "ACTIVE (set by you)" and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads Linux /proc/stat")
+def test_cores_busy_elsewhere_sees_a_busy_process():
+    from lalm.demo import cores_busy_elsewhere
+
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        busy = cores_busy_elsewhere(0.5)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert busy is not None and 0.5 < busy <= (os.cpu_count() or 1) + 0.1
+
+
 def test_quick_demo_end_to_end(tmp_path, capsys):
     """`lalm demo --quick`: corpus, three stages, eval, a model that loads and answers; rerun reuses."""
     import lalm

@@ -21,11 +21,6 @@ from __future__ import annotations
 import os
 import platform
 
-# Set before torch loads: with the default (spinning) OpenMP waits, two threads on two shared
-# cores run ~4x slower than one as soon as another process wants a core. Passive waits cost ~10%
-# when the demo runs alone and gain 1.6x beside one busy process (bench/omp_wait.py,
-# docs/benchmarks.md); the demo takes the safe side. `lalm train` keeps OpenMP's default.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # The same lalm-tiny on every x86 host. torch's vectorised kernels, MKL's GEMMs and oneDNN each
 # pick a code path by CPU, and the AVX-512 and AVX2 paths round differently: on an AVX-512 EPYC
 # the recipe trained another model (pre-training loss 0.2333 vs 0.2029 on the AVX2 hosts; voice
@@ -263,10 +258,47 @@ def whisper_tiny_en() -> Path:
     return path
 
 
+def cores_busy_elsewhere(seconds: float = 0.5) -> float | None:
+    """Cores' worth of CPU time the rest of the machine used over `seconds` while this process slept
+    (Linux /proc/stat: user, nice, system, irq, softirq and steal against idle and iowait); None
+    where there is no /proc/stat."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return sum(v) - v[3] - v[4], sum(v)
+    try:
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy1 - busy0) / max(total1 - total0, 1) * (os.cpu_count() or 1)
+
+
+def choose_openmp_waits(busy: float | None, threshold: float = 0.25) -> str:
+    """OMP_WAIT_POLICY for the demo's process, set before torch loads (OpenMP reads it once).
+
+    Spinning waits (OpenMP's default) keep the torch threads hot between the thousands of small
+    ops of a lalm-tiny step: alone on 2 cores they train ~1.35x faster than passive waits on the
+    AVX-512 EPYC of stop 23 (~1.1x on the AVX2 ones). But when another process wants a core, a
+    spinning thread holds it while its partner waits to be scheduled: beside one busy process they
+    ran ~2x slower than passive waits (bench/omp_wait.py, docs/benchmarks.md). So the demo spins
+    only when the machine is otherwise idle as it starts; a value the user set wins."""
+    if "OMP_WAIT_POLICY" in os.environ:
+        return f"{os.environ['OMP_WAIT_POLICY']} (set by you)"
+    if busy is None or busy > threshold:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        why = "load unknown" if busy is None else f"other processes used {busy:.1f} cores"
+        return f"PASSIVE ({why}; set OMP_WAIT_POLICY to choose)"
+    return f"OpenMP's default, spinning (the machine was idle: {busy:.2f} cores busy elsewhere)"
+
+
 def run(args: argparse.Namespace) -> int:
     home = Path(args.home).expanduser() if args.home else default_home()
     recipe = Path(args.recipe)
     if not (recipe / "demo.yaml").is_file():
         raise ConfigError(f"{recipe}: no demo.yaml (the lalm-tiny recipe lives in configs/tiny)")
     sys.stdout.reconfigure(line_buffering=True)
+    if "torch" not in sys.modules:  # OpenMP reads the policy once, when torch loads
+        print(f"lalm demo: OpenMP waits: {choose_openmp_waits(cores_busy_elsewhere())}")
     return Pipeline(home, recipe, args.quick, args.force, not args.no_progress).run()
