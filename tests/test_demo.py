@@ -9,11 +9,14 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from lalm.data.manifest import load_records
 from lalm.train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_text_questions_skip_eval_questions():
@@ -153,6 +156,62 @@ def test_cores_busy_elsewhere_sees_a_busy_process():
         spin.kill()
         spin.wait()
     assert busy is not None and 0.5 < busy <= (os.cpu_count() or 1) + 0.1
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the x86 code paths the demo pins")
+def test_demo_caps_its_threads_where_the_arithmetic_stays_the_same():
+    """The demo's model is the same on any machine only while torch runs 1-4 threads (docs/lalm-tiny.md,
+    stop 23): demo.yaml caps them at 4. A training step as the demo runs it (lalm-tiny's sizes,
+    cached encoder rows, padded rows of different lengths, the last layer from the first target
+    row, loss on target rows) gives the same gradients bit for bit with 1, 2 and 4 threads (with 5
+    this very step differed on stop 23's AVX-512 EPYC)."""
+    import torch
+
+    from lalm.config import ModelConfig
+    from lalm.demo import demo_threads
+    from lalm.model import Qwen2AudioForConditionalGeneration
+    from lalm.train.recipe import Recipe
+
+    assert Recipe.load(ROOT / "configs/tiny").threads == 4
+    assert (demo_threads(4, 2), demo_threads(4, 16), demo_threads(0, 16), demo_threads(1, 8)) == (2, 4, 16, 1)
+
+    torch.manual_seed(0)  # this draw's step differed with 5 threads on stop 23's host
+    cfg = ModelConfig.preset("tiny", text={"vocab_size": 2048}, audio_token_index=2045)
+    model = Qwen2AudioForConditionalGeneration(cfg)
+    model.audio_tower.requires_grad_(False)  # frozen in every stage of the recipe
+    B, T = 16, 75
+    lens = torch.randint(50, T + 1, (B,))
+    lens[0] = T
+    n_audio = [int(n) - 15 for n in lens]  # audio rows, then 15 prompt + answer tokens
+    ids = torch.randint(0, 2040, (B, T))
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    labels = torch.full((B, T), -100)
+    for b in range(B):
+        ids[b, 1: 1 + n_audio[b]] = 2045
+        mask[b, : lens[b]] = True
+        labels[b, n_audio[b] + 3: lens[b]] = ids[b, n_audio[b] + 3: lens[b]]
+    rows = torch.randn(sum(n_audio), cfg.audio.d_model)
+    pos = (mask.long().cumsum(1) - 1).clamp(min=0)
+    sel = labels != -100
+    first = int(sel.any(0).nonzero()[0])
+
+    def grads(threads: int) -> dict:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            model.zero_grad(set_to_none=True)
+            h = model.hidden_states(ids, pos, mask, audio_rows=rows, rows_from=first)  # (B, T - first, 256)
+            logits = model.language_model.lm_head(h[sel[:, first:]])
+            torch.nn.functional.cross_entropy(logits, labels[:, first:][sel[:, first:]], reduction="sum").backward()
+            return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        finally:
+            torch.set_num_threads(before)
+
+    one = grads(1)
+    assert len(one) > 20
+    for threads in (2, 4):
+        other = grads(threads)
+        assert [n for n in one if not torch.equal(one[n], other[n])] == [], threads
 
 
 def test_quick_demo_end_to_end(tmp_path, capsys):

@@ -217,7 +217,7 @@ class Pipeline:
         t0 = time.perf_counter()
         import torch
 
-        torch.set_num_threads(self.recipe.threads or os.cpu_count() or 1)
+        torch.set_num_threads(demo_threads(self.recipe.threads, os.cpu_count() or 1))
         print(f"lalm demo: artifacts in {self.home} (torch threads: {torch.get_num_threads()})")
         self.build_corpus()
         self.select_data()
@@ -235,6 +235,11 @@ class Pipeline:
             (self.demo / "timings.json").write_text(json.dumps(timings, indent=1))
         print(f"\nlalm demo finished in {total:.0f} s")
         return 0
+
+
+def demo_threads(recipe_threads: int, cores: int) -> int:
+    """torch threads for the demo: the recipe's cap (0 = none), never more than the cores."""
+    return min(recipe_threads, cores) if recipe_threads > 0 else cores
 
 
 def write_generation_config(folder: Path, tokenizer, max_new_tokens: int = 128) -> None:
