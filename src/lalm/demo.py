@@ -217,7 +217,7 @@ class Pipeline:
         t0 = time.perf_counter()
         import torch
 
-        torch.set_num_threads(demo_threads(self.recipe.threads, os.cpu_count() or 1))
+        torch.set_num_threads(demo_threads(self.recipe.threads, usable_cores()))
         print(f"lalm demo: artifacts in {self.home} (torch threads: {torch.get_num_threads()})")
         self.build_corpus()
         self.select_data()
@@ -263,21 +263,41 @@ def whisper_tiny_en() -> Path:
     return path
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask: `taskset`, cgroup cpusets), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def cores_busy_elsewhere(seconds: float = 0.5) -> float | None:
-    """Cores' worth of CPU time the rest of the machine used over `seconds` while this process slept
-    (Linux /proc/stat: user, nice, system, irq, softirq and steal against idle and iowait); None
-    where there is no /proc/stat."""
+    """Cores' worth of CPU time used on this process's CPUs over `seconds` while it slept (Linux
+    /proc/stat's per-CPU lines: user, nice, system, irq, softirq and steal against idle and
+    iowait); None where there is no /proc/stat."""
+    try:
+        mine = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+    except (AttributeError, OSError):
+        return None
+
     def sample() -> tuple[int, int]:
+        busy = total = 0
         with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-        return sum(v) - v[3] - v[4], sum(v)
+            for line in f:
+                name, *fields = line.split()
+                if name in mine:
+                    v = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+                    busy, total = busy + sum(v) - v[3] - v[4], total + sum(v)
+        return busy, total
     try:
         busy0, total0 = sample()
         time.sleep(seconds)
         busy1, total1 = sample()
     except (OSError, ValueError, IndexError):
         return None
-    return (busy1 - busy0) / max(total1 - total0, 1) * (os.cpu_count() or 1)
+    if total1 <= total0:
+        return None
+    return (busy1 - busy0) / (total1 - total0) * len(mine)
 
 
 def choose_openmp_waits(busy: float | None, threshold: float = 0.25) -> str:
