@@ -51,12 +51,14 @@ def encoder_fingerprint(tower: torch.nn.Module) -> str:
 
 @torch.no_grad()
 def encode_windows(tower: torch.nn.Module, mels: list[torch.Tensor], frames: list[int]) -> list[torch.Tensor]:
-    """mel windows (n_mels, F_i) with L_mel_i valid frames -> kept rows (N_i, d) per window."""
+    """mel windows (n_mels, F_i) with L_mel_i valid frames -> kept rows (N_i, d) per window, on the
+    CPU; the encoder runs wherever its weights are (a GPU, if the trainer put it there)."""
+    dev = next(tower.parameters()).device
     F = max(m.shape[1] for m in mels)
     mel = torch.zeros(len(mels), mels[0].shape[0], F)  # (A, n_mels, F) right padded
     for i, m in enumerate(mels):
         mel[i, :, : m.shape[1]] = m
-    x = tower(mel, torch.tensor(frames))  # (A, P, d)
+    x = tower(mel.to(dev), torch.tensor(frames, device=dev)).cpu()  # (A, P, d)
     return [x[i, : A.num_audio_tokens(f)] for i, f in enumerate(frames)]
 
 

@@ -159,14 +159,23 @@ class Trainer:
 
     def _feature_cache(self, model) -> FeatureCache:
         """The frozen encoder's rows for every clip of data + eval_data, encoding the missing ones
-        once (rank 0, on the CPU; the other ranks wait, then read the folder)."""
+        once (rank 0, on its training device; the other ranks wait, then read the folder)."""
         cfg, d = self.cfg, self.d
         n_mels = model.config.audio.num_mel_bins
         if d.main:
-            cache = FeatureCache(cfg.feature_cache, model.audio_tower, n_mels)
-            paths = [p for m in (cfg.data, cfg.eval_data) if m
-                     for rec in read_manifest(m, warn=False) for p in audio_paths(rec)]
-            cache.add(paths, progress=cfg.progress, desc=f"{cfg.stage}: encoding audio")
+            # The model is still on the CPU here. On a GPU run the encoder goes to the GPU for the
+            # encoding: Qwen2-Audio's Whisper-large-v3 encoder (~635M parameters) takes seconds per
+            # clip on a CPU. It goes back afterwards, where setup() expects the whole model.
+            tower = model.audio_tower
+            home = next(tower.parameters()).device
+            tower.to(d.device)
+            try:
+                cache = FeatureCache(cfg.feature_cache, tower, n_mels)
+                paths = [p for m in (cfg.data, cfg.eval_data) if m
+                         for rec in read_manifest(m, warn=False) for p in audio_paths(rec)]
+                cache.add(paths, progress=cfg.progress, desc=f"{cfg.stage}: encoding audio")
+            finally:
+                tower.to(home)
         distributed.barrier(d)
         if not d.main:
             cache = FeatureCache(cfg.feature_cache, model.audio_tower, n_mels)
