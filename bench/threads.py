@@ -1,0 +1,116 @@
+"""What the demo's cap of 4 torch threads costs on a machine with more cores, and which thread
+counts give the 1-thread arithmetic (demo.yaml `threads`, docs/lalm-tiny.md stop 23).
+
+    .venv/bin/python bench/threads.py [--threads 1,2,4,8,16] [--steps 20] [--trials 3] [--no-pins]
+
+One step = forward + backward + AdamW step of a lalm-tiny-sized model (the `tiny` preset, 2,048
+ids, frozen encoder) on a batch of 16 cached-row examples as `lalm train` runs them (the last layer
+from the first target row, loss on target rows): ~75-100 audio rows and ~40 text tokens each,
+random but fixed. The demo's code-path pins (ATEN_CPU_CAPABILITY / MKL_CBWR / ONEDNN_MAX_CPU_ISA
+= AVX2, set by importing lalm.demo) are on unless --no-pins. For each thread count: tokens/s (median of the trials, counts interleaved) and
+whether the gradients of the first step equal the 1-thread ones bit for bit. Nothing is asserted;
+figures go to docs/benchmarks.md by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+if "--no-pins" not in sys.argv:
+    import lalm.demo  # noqa: F401 (sets the demo's AVX2 pins before torch computes anything)
+
+import torch
+import torch.nn.functional as F
+
+from lalm.config import ModelConfig
+from lalm.model import Qwen2AudioForConditionalGeneration
+
+
+def batch(cfg: ModelConfig, b: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    audio = torch.randint(75, 101, (b,), generator=g)
+    text = torch.randint(30, 51, (b,), generator=g)
+    lens = audio + text
+    T = int(lens.max())
+    ids = torch.randint(0, cfg.text.vocab_size - 8, (b, T), generator=g)
+    mask = torch.zeros(b, T, dtype=torch.bool)
+    labels = torch.full((b, T), -100)
+    for i in range(b):
+        n = int(audio[i])
+        ids[i, 1: 1 + n] = cfg.audio_token_index
+        mask[i, : lens[i]] = True
+        labels[i, n + 10: lens[i]] = ids[i, n + 10: lens[i]]  # the answer after a ~9-token prompt
+    rows = torch.randn(int(audio.sum()), cfg.audio.d_model, generator=g)
+    pos = (mask.long().cumsum(1) - 1).clamp(min=0)
+    return ids, pos, mask, labels, rows, int(mask.sum())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", default="1,2,4,8,16")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--no-pins", action="store_true", help="the CPU's own code paths, not the demo's AVX2 ones")
+    args = p.parse_args()
+    cores = len(os.sched_getaffinity(0))
+    counts = [int(t) for t in args.threads.split(",") if int(t) <= cores]
+    print(f"{platform.processor() or platform.machine()}, {cores} usable cores, torch {torch.__version__}, "
+          f"{torch.backends.cpu.get_cpu_capability()}, MKL_CBWR={os.environ.get('MKL_CBWR', '(unset)')}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", text={"vocab_size": 2048}, audio_token_index=2045)
+    model = Qwen2AudioForConditionalGeneration(cfg)
+    model.audio_tower.requires_grad_(False)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, pos, mask, labels, rows, tokens = batch(cfg)
+    sel = labels != -100
+    first = int(sel.any(0).nonzero()[0])
+
+    def step(opt) -> None:
+        h = model.hidden_states(ids, pos, mask, audio_rows=rows, rows_from=first)
+        logits = model.language_model.lm_head(h[sel[:, first:]])
+        F.cross_entropy(logits, labels[:, first:][sel[:, first:]]).backward()
+        if opt is not None:
+            opt.step()
+        model.zero_grad(set_to_none=opt is not None)
+
+    def grads(threads: int) -> dict:
+        torch.set_num_threads(threads)
+        model.load_state_dict(init)
+        model.zero_grad(set_to_none=True)
+        h = model.hidden_states(ids, pos, mask, audio_rows=rows, rows_from=first)
+        logits = model.language_model.lm_head(h[sel[:, first:]])
+        F.cross_entropy(logits, labels[:, first:][sel[:, first:]]).backward()
+        return {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+
+    one = grads(1)
+    same = {t: all(torch.equal(one[n], g) for n, g in grads(t).items()) for t in counts}
+    rates: dict[int, list[float]] = {t: [] for t in counts}
+    params = [q for q in model.parameters() if q.requires_grad]
+    for _ in range(args.trials):
+        for t in counts:
+            torch.set_num_threads(t)
+            model.load_state_dict(init)
+            opt = torch.optim.AdamW(params, lr=1e-4)
+            step(opt)  # warm-up (thread pool, allocator)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step(opt)
+            rates[t].append(tokens * args.steps / (time.perf_counter() - start))
+    base = statistics.median(rates[counts[0]])
+    print(f"batch 16, {tokens} tokens per step; {args.steps} steps x {args.trials} trials\n")
+    print("| threads | tokens/s (median) | vs " + f"{counts[0]} | gradients = 1 thread's |")
+    print("|---|---|---|---|")
+    for t in counts:
+        m = statistics.median(rates[t])
+        print(f"| {t} | {m:,.0f} | {m / base:.2f}x | {'yes' if same[t] else 'no'} |")
+
+
+if __name__ == "__main__":
+    main()
