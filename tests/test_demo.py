@@ -214,6 +214,32 @@ def test_demo_caps_its_threads_where_the_arithmetic_stays_the_same():
         assert [n for n in one if not torch.equal(one[n], other[n])] == [], threads
 
 
+def test_demo_trains_on_the_cpu_unless_asked_and_takes_a_thread_count(tmp_path):
+    """The README's model is the CPU's: every stage gets device=cpu (part of its key, so a GPU run
+    retrains rather than reuses); --device cuda and --threads are the user's way out, checked first."""
+    import argparse
+
+    import torch
+
+    from lalm.demo import Pipeline, add_arguments, run
+    from lalm.errors import ConfigError
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--home", str(tmp_path)])
+    assert (args.device, args.threads) == ("cpu", None)
+    recipe = ROOT / "configs" / "tiny"
+    assert Pipeline(tmp_path, recipe, False, [], False).stage_config("sft").device == "cpu"
+    cfg = Pipeline(tmp_path, recipe, False, [], False, threads=16, device="cuda").stage_config("dpo")
+    assert cfg.device == "cuda"
+    with pytest.raises(ConfigError, match="--threads -1"):
+        run(parser.parse_args(["--home", str(tmp_path), "--threads", "-1"]))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            run(parser.parse_args(["--home", str(tmp_path), "--device", "cuda"]))
+    assert not (tmp_path / "demo").exists()  # refused before any work
+
+
 def test_quick_demo_end_to_end(tmp_path, capsys):
     """`lalm demo --quick`: corpus, three stages, eval, a model that loads and answers; rerun reuses."""
     import lalm

@@ -60,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", choices=STEPS, action="append", default=[],
                         help="redo this step (and the ones after it) even if it is up to date")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (0: every usable core). Default: the recipe's cap (4), the "
+                             "counts that train the README's model; more is faster and trains another draw")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the three stages train. cuda: a GPU, bf16 autocast, another draw "
+                             "(the README's figures are the CPU's); the corpus and eval stay on the CPU")
 
 
 def _fingerprint(obj) -> str:
@@ -75,10 +81,12 @@ def corpus_key(size: str, seed: int) -> str:
 
 
 class Pipeline:
-    def __init__(self, home: Path, recipe_dir: Path, quick: bool, force: list[str], progress: bool):
+    def __init__(self, home: Path, recipe_dir: Path, quick: bool, force: list[str], progress: bool,
+                 threads: int | None = None, device: str = "cpu"):
         from lalm.train.recipe import Recipe
 
         self.home, self.quick, self.progress = home, quick, progress
+        self.threads, self.device = threads, device
         self.recipe_dir = recipe_dir
         self.recipe = Recipe.load(recipe_dir, quick=quick)
         self.corpus = home / ("corpus" if not quick else "corpus-quick")
@@ -154,7 +162,10 @@ class Pipeline:
         prev = {"sft": "pretrain", "dpo": "sft"}.get(stage)
         overrides = [f"data={data / 'train.jsonl'}", f"eval_data={data / 'dev.jsonl'}",
                      f"tokenizer={self.demo / 'tokenizer'}", f"out={self.demo / 'runs' / stage}",
-                     f"feature_cache={self.demo / 'cache'}"]
+                     f"feature_cache={self.demo / 'cache'}",
+                     # the CPU unless asked: a GPU would train another model than the README's
+                     # (bf16 autocast), and device is part of each stage's key, so it retrains
+                     f"device={self.device}"]
         if prev:
             overrides.append(f"init={self.demo / 'runs' / prev / 'final'}")
         else:
@@ -217,8 +228,14 @@ class Pipeline:
         t0 = time.perf_counter()
         import torch
 
-        torch.set_num_threads(demo_threads(self.recipe.threads, usable_cores()))
-        print(f"lalm demo: artifacts in {self.home} (torch threads: {torch.get_num_threads()})")
+        cores = usable_cores()
+        cap = self.recipe.threads if self.threads is None else self.threads
+        torch.set_num_threads(demo_threads(cap, cores))
+        print(f"lalm demo: artifacts in {self.home} (torch threads: {torch.get_num_threads()}, "
+              f"training on {self.device})")
+        if torch.get_num_threads() > self.recipe.threads > 0 or self.device != "cpu":
+            print("lalm demo: another draw of the recipe (the README's model needs the CPU and at most "
+                  f"{self.recipe.threads} threads): its figures will differ")
         self.build_corpus()
         self.select_data()
         for stage in ("pretrain", "sft", "dpo"):
@@ -323,7 +340,14 @@ def run(args: argparse.Namespace) -> int:
     recipe = Path(args.recipe)
     if not (recipe / "demo.yaml").is_file():
         raise ConfigError(f"{recipe}: no demo.yaml (the lalm-tiny recipe lives in configs/tiny)")
+    if args.threads is not None and args.threads < 0:
+        raise ConfigError(f"--threads {args.threads}: give 0 (every usable core) or a positive count")
     sys.stdout.reconfigure(line_buffering=True)
     if "torch" not in sys.modules:  # OpenMP reads the policy once, when torch loads
         print(f"lalm demo: OpenMP waits: {choose_openmp_waits(cores_busy_elsewhere())}")
-    return Pipeline(home, recipe, args.quick, args.force, not args.no_progress).run()
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
+    return Pipeline(home, recipe, args.quick, args.force, not args.no_progress, args.threads, args.device).run()
