@@ -78,21 +78,36 @@ def test_killed_gpu_run_resumes_to_the_uninterrupted_curve(tmp_path):
 
     train(cfg(tmp_path / "a"))
     train(cfg(tmp_path / "b"))
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-000009")
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-000006")  # as if killed after step 3's checkpoint
-    train(cfg(tmp_path / "b"), resume=True)
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-000009")  # as if killed after step 6's checkpoint
+    trainer = Trainer(cfg(tmp_path / "b"), resume=True)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    assert trainer.start_step == 6  # it did resume (steps 7-9 ran on the restored state)
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert len(a) == len(b) == 9
     for x, y in zip(b, a):
         assert abs(x - y) <= 1e-5 * abs(y), (b, a)
 
 
-def test_encoder_cache_is_built_on_the_gpu_with_the_cpus_rows(tmp_path):
+def test_encoder_cache_is_built_on_the_gpu_with_the_cpus_rows(tmp_path, monkeypatch):
     """A GPU run encodes on the GPU (the trainer moves the frozen encoder there for it) and the rows
     are the CPU's; then DPO trains from the cache on the GPU."""
+    from lalm.train import encoder_cache
+
+    devices = []
+    encode = encoder_cache.encode_windows
+
+    def spy(tower, mels, frames):
+        devices.append(next(tower.parameters()).device.type)
+        return encode(tower, mels, frames)
+
+    monkeypatch.setattr(encoder_cache, "encode_windows", spy)
     data = asr_manifest(tmp_path, n=8)
     train(config("sft", data, tmp_path / "sft", "max_steps=2", "device=cuda", "precision=fp32",
                  f"feature_cache={tmp_path / 'gpu'}", "freeze=[encoder]"))
+    assert devices and set(devices) == {"cuda"}, devices
     tower = load_checkpoint(tmp_path / "sft" / "final", dtype=torch.float32).audio_tower
     clips = sorted(str(p) for p in tmp_path.glob("tone-*.wav"))
     # the trainer's encoder is the init's (preset, seed 0), which the checkpoint's tower still is (frozen)
