@@ -20,7 +20,12 @@ steps 0 it is only scored), ema (decay of an exponential moving average of the w
 weights as "<set>_ema"), lsmooth (label smoothing), meanswap (probability that a clip's mean row
 is replaced by another clip's of the batch: a crude speaker/channel swap), chdrop (each clip loses
 this fraction of its feature channels, at every row), dump (a jsonl file: every held-out prediction
-at every evaluation).
+at every evaluation), bpe_dropout (BPE-dropout, Provilkov et al. 2020: each training transcript is
+re-tokenized at every step with this merge-skip probability, so frequent words are also heard
+as the pieces rare words are spelled with), muon (torch.optim.Muon, with lr = this multiple of the
+schedule's and Moonlight's AdamW-matched scaling, on the decoder layers' matrices; AdamW keeps the
+embeddings, head, projector, norms and biases), muon_fp32 (1: the same update with Newton-Schulz
+in float32, `Muon32` below: torch's runs it in bfloat16, which is ~60x slower on a CPU held to AVX2).
 Not a test and not part of lalm: an experiment harness whose findings live in configs/tiny.
 """
 
@@ -44,7 +49,8 @@ DEFAULTS = {"layers": 2, "hidden": 256, "ffn": 768, "heads": 4, "kv": 2, "lr": 1
             "steps": 3000, "warmup": 40, "wd": 0.01, "evals": [1000, 2000, 3000], "ctc": 0.0,
             "tied": 1, "fdrop": 0.0, "tmask": 0, "tmask_len": 8, "fnoise": 0.0, "short_first": 0,
             "short_len": 5, "max_new": 40, "seed": 0, "tnoise": 0.0, "extra": [], "limit": 0,
-            "beta2": 0.999, "ema": 0.0, "lsmooth": 0.0, "meanswap": 0.0, "chdrop": 0.0, "init": "", "dump": ""}
+            "beta2": 0.999, "ema": 0.0, "lsmooth": 0.0, "meanswap": 0.0, "chdrop": 0.0, "init": "", "dump": "",
+            "bpe_dropout": 0.0, "muon": 0.0, "muon_fp32": 0}
 
 
 def export(home: Path, out: Path, limit: int) -> None:
@@ -184,6 +190,33 @@ def extra(tok_dir: Path, mode: str, n: int, out: Path, text: str = "mix") -> Non
     print(f"{mode}: {len(meta)} items, {x.shape[0]} rows")
 
 
+class Muon32(torch.optim.Optimizer):
+    """torch.optim.Muon's update (Nesterov momentum, quintic Newton-Schulz, Moonlight's lr scaling
+    0.2 * sqrt(max(A, B)), decoupled weight decay) with the orthogonalisation in float32."""
+
+    def __init__(self, params, lr: float, weight_decay: float, momentum: float = 0.95, ns_steps: int = 5):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "ns_steps": ns_steps})
+
+    @torch.no_grad()
+    def step(self):
+        a, b, c = 3.4445, -4.7750, 2.0315
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                x = p.grad.lerp(buf, group["momentum"])
+                x = x.T if x.shape[0] > x.shape[1] else x
+                x = x / x.norm().clamp(min=1e-7)
+                for _ in range(group["ns_steps"]):
+                    gram = x @ x.T
+                    x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+                x = x.T if p.shape[0] > p.shape[1] else x
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(x, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
+
+
 def _load(data: Path, name: str, dev: str):
     from safetensors.torch import load_file
 
@@ -247,6 +280,15 @@ def run_one(cfg: dict, data: Path) -> None:
             m["off"] += X.shape[0]
         X, train = torch.cat([X, X2]), train + train2
     held = {k: _load(data, k, dev) for k in ("piper", "real")}
+    if cfg["bpe_dropout"]:  # a second tokenizer whose BPE skips merges at random
+        drop_tok = Tokenizer.load(data / "tokenizer")
+        drop_tok.tk.model.dropout = cfg["bpe_dropout"]
+        for m in train:  # the transcript's ids must be its plain encoding, closed by <|endoftext|>
+            assert m["ids"][len(m["ids"]) - m["ntgt"]:] == tok.encode(m["ref"]) + [tok.endoftext_id], m["ref"]
+
+    def redraw(m):  # the same item, its transcript tokenized anew with BPE-dropout
+        t = drop_tok.encode(m["ref"]) + [tok.endoftext_id]
+        return dict(m, ids=m["ids"][: len(m["ids"]) - m["ntgt"]] + t, ntgt=len(t))
     head = torch.nn.Linear(cfg["hidden"], tok.vocab_size).to(dev) if cfg["ctc"] and not cfg["tied"] else None
 
     def batch(items, feats, targets=True):
@@ -325,7 +367,16 @@ def run_one(cfg: dict, data: Path) -> None:
         print(cfg.get("tag", "run"), json.dumps(row), flush=True)
 
     params = [p for p in model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["wd"], betas=(0.9, cfg["beta2"]))
+    layers = model.language_model.model.layers
+    hidden_mats = {id(p) for p in layers.parameters() if p.dim() == 2} if cfg["muon"] else set()
+    opt = torch.optim.AdamW([p for p in params if id(p) not in hidden_mats], lr=cfg["lr"],
+                            weight_decay=cfg["wd"], betas=(0.9, cfg["beta2"]))
+    opts = [(opt, 1.0)]
+    if cfg["muon"]:
+        mats = [p for p in params if id(p) in hidden_mats]
+        opts.append((Muon32(mats, lr=cfg["lr"], weight_decay=cfg["wd"]) if cfg["muon_fp32"] else
+                     torch.optim.Muon(mats, lr=cfg["lr"], weight_decay=cfg["wd"], adjust_lr_fn="match_rms_adamw"),
+                     cfg["muon"]))
     S, W, rng, order, t0 = cfg["steps"], cfg["warmup"], random.Random(cfg["seed"]), [], time.time()
     short = [m for m in train if m["ntgt"] <= cfg["short_len"]]
     for step in range(S):
@@ -336,6 +387,8 @@ def run_one(cfg: dict, data: Path) -> None:
                 order = list(range(len(train)))
                 rng.shuffle(order)
             items = [train[order.pop()] for _ in range(cfg["bs"])]
+        if cfg["bpe_dropout"]:
+            items = [redraw(m) for m in items]
         ids, att, lab, rows = batch(items, X)
         if cfg["tmask"]:
             rows, o = rows.clone(), 0
@@ -379,10 +432,11 @@ def run_one(cfg: dict, data: Path) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         lr = cfg["lr"] * ((step + 1) / W if step < W else
                           0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - W) / max(1, S - W))))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for o, mult in opts:
+            for g in o.param_groups:
+                g["lr"] = lr * mult
+            o.step()
+            o.zero_grad(set_to_none=True)
         if cfg["ema"]:
             with torch.no_grad():
                 if step == 0:
