@@ -25,7 +25,7 @@ re-tokenized at every step with this merge-skip probability, so frequent words a
 as the pieces rare words are spelled with), muon (torch.optim.Muon, with lr = this multiple of the
 schedule's and Moonlight's AdamW-matched scaling, on the decoder layers' matrices; AdamW keeps the
 embeddings, head, projector, norms and biases), muon_fp32 (1: the same update with Newton-Schulz
-in float32, `Muon32` below: torch's runs it in bfloat16, which is ~60x slower on a CPU held to AVX2).
+in float32, lalm's `train.muon.MuonAdamW`: torch's runs it in bfloat16, ~60x slower on a CPU held to AVX2).
 Not a test and not part of lalm: an experiment harness whose findings live in configs/tiny.
 """
 
@@ -190,33 +190,6 @@ def extra(tok_dir: Path, mode: str, n: int, out: Path, text: str = "mix") -> Non
     print(f"{mode}: {len(meta)} items, {x.shape[0]} rows")
 
 
-class Muon32(torch.optim.Optimizer):
-    """torch.optim.Muon's update (Nesterov momentum, quintic Newton-Schulz, Moonlight's lr scaling
-    0.2 * sqrt(max(A, B)), decoupled weight decay) with the orthogonalisation in float32."""
-
-    def __init__(self, params, lr: float, weight_decay: float, momentum: float = 0.95, ns_steps: int = 5):
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "ns_steps": ns_steps})
-
-    @torch.no_grad()
-    def step(self):
-        a, b, c = 3.4445, -4.7750, 2.0315
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.lerp_(p.grad, 1 - group["momentum"])
-                x = p.grad.lerp(buf, group["momentum"])
-                x = x.T if x.shape[0] > x.shape[1] else x
-                x = x / x.norm().clamp(min=1e-7)
-                for _ in range(group["ns_steps"]):
-                    gram = x @ x.T
-                    x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-                x = x.T if p.shape[0] > p.shape[1] else x
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(x, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
-
-
 def _load(data: Path, name: str, dev: str):
     from safetensors.torch import load_file
 
@@ -248,6 +221,7 @@ def run_one(cfg: dict, data: Path) -> None:
     from lalm.config import ModelConfig
     from lalm.model import Qwen2AudioForConditionalGeneration
     from lalm.tokenizer import Tokenizer
+    from lalm.train.muon import MuonAdamW
 
     cfg = {**DEFAULTS, **cfg}
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -374,7 +348,8 @@ def run_one(cfg: dict, data: Path) -> None:
     opts = [(opt, 1.0)]
     if cfg["muon"]:
         mats = [p for p in params if id(p) in hidden_mats]
-        opts.append((Muon32(mats, lr=cfg["lr"], weight_decay=cfg["wd"]) if cfg["muon_fp32"] else
+        opts.append((MuonAdamW([{"params": mats, "muon": True}], lr=cfg["lr"], weight_decay=cfg["wd"])
+                     if cfg["muon_fp32"] else
                      torch.optim.Muon(mats, lr=cfg["lr"], weight_decay=cfg["wd"], adjust_lr_fn="match_rms_adamw"),
                      cfg["muon"]))
     S, W, rng, order, t0 = cfg["steps"], cfg["warmup"], random.Random(cfg["seed"]), [], time.time()

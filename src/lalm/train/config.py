@@ -65,6 +65,10 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
+    # adamw | muon: Muon (train/muon.py) on the decoder layers' matrices, AdamW on the rest;
+    # muon_lr_ratio scales the schedule's lr for the Muon matrices (after Moonlight's RMS match).
+    optimizer: str = "adamw"
+    muon_lr_ratio: float = 3.0
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16
     freeze: list = field(default_factory=list)  # any of encoder, projector, decoder
@@ -107,6 +111,14 @@ class TrainConfig:
                 raise ConfigError(f"lora_components: {c!r} is not one of {', '.join(COMPONENTS)}")
         if self.rpo_alpha < 0 or (self.rpo_alpha and self.stage != "dpo"):
             raise ConfigError(f"rpo_alpha: must be >= 0 and is for stage dpo only, got {self.rpo_alpha}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"optimizer: {self.optimizer!r} is not adamw or muon")
+        if self.optimizer == "muon" and self.muon_lr_ratio <= 0:
+            raise ConfigError(f"muon_lr_ratio: must be > 0, got {self.muon_lr_ratio}")
+        if self.optimizer == "muon" and self.fsdp:
+            raise ConfigError("optimizer: muon orthogonalises whole matrices and FSDP shards them; use adamw with fsdp")
+        if self.optimizer == "muon" and self.lora_r:
+            raise ConfigError("optimizer: muon is for full training of the decoder, not LoRA (lora_r > 0); use adamw")
         if self.lora_r and not self.lora_target_modules:
             raise ConfigError("lora_target_modules: LoRA (lora_r > 0) needs target module names")
         self._validate_feature_cache()

@@ -41,6 +41,7 @@ from lalm.train.config import TrainConfig
 from lalm.train.data import TrainData, micro_batches, rank_slice
 from lalm.train.encoder_cache import FeatureCache
 from lalm.train.metrics import MetricsWriter, plot_losses
+from lalm.train.muon import MuonAdamW
 
 
 @dataclass
@@ -148,14 +149,28 @@ class Trainer:
         decay = [p for p in params if p.dim() >= 2]  # no weight decay on biases and norm scales
         rest = [p for p in params if p.dim() < 2]
         self.params = params
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+        self.optimizer = self._optimizer(model, decay, rest)
         if self.resumed_from is not None:
             self._load_trainer_state(self.resumed_from)
         if cfg.stage == "dpo":
             self.ref = self._reference("train", self.data)
             self.eval_ref = self._reference("eval", self.eval_data) if self.eval_data else None
+
+    def _optimizer(self, model, decay: list, rest: list) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        betas = (cfg.adam_beta1, cfg.adam_beta2)
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(
+                [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                lr=cfg.lr, betas=betas, eps=cfg.adam_eps)
+        # Muon for the decoder layers' matrices (attention and MLP projections); the embeddings,
+        # LM head and projector are not hidden-layer matrices and stay on AdamW (Jordan et al.).
+        hidden = {id(p) for p in model.language_model.model.layers.parameters() if p.dim() == 2}
+        groups = [{"params": [p for p in decay if id(p) in hidden], "muon": True, "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in decay if id(p) not in hidden], "weight_decay": cfg.weight_decay},
+                  {"params": rest, "weight_decay": 0.0}]
+        return MuonAdamW([g for g in groups if g["params"]], lr=cfg.lr, lr_ratio=cfg.muon_lr_ratio, betas=betas,
+                         eps=cfg.adam_eps)
 
     def _feature_cache(self, model) -> FeatureCache:
         """The frozen encoder's rows for every clip of data + eval_data, encoding the missing ones
@@ -189,6 +204,10 @@ class Trainer:
 
     def _load_trainer_state(self, folder: Path) -> None:
         state = checkpoint.read_trainer_state(folder)
+        saved = state.get("config", {}).get("optimizer", "adamw")
+        if saved != self.cfg.optimizer:  # the slots differ: Muon keeps a momentum, AdamW two moments
+            raise ConfigError(f"{folder}: trained with optimizer {saved}; resume it with optimizer: {saved} "
+                              f"(this run has {self.cfg.optimizer})")
         self.start_step = int(state["step"])
         checkpoint.load_optimizer_tensors(self.optimizer, checkpoint.read_tensors(folder, "optimizer.safetensors"),
                                           self.names, str(folder))
