@@ -25,7 +25,9 @@ re-tokenized at every step with this merge-skip probability, so frequent words a
 as the pieces rare words are spelled with), muon (torch.optim.Muon, with lr = this multiple of the
 schedule's and Moonlight's AdamW-matched scaling, on the decoder layers' matrices; AdamW keeps the
 embeddings, head, projector, norms and biases), muon_fp32 (1: the same update with Newton-Schulz
-in float32, lalm's `train.muon.MuonAdamW`: torch's runs it in bfloat16, ~60x slower on a CPU held to AVX2).
+in float32, lalm's `train.muon.MuonAdamW`: torch's runs it in bfloat16, ~60x slower on a CPU held to AVX2),
+textlm (this many text-only lines per batch, no audio, loss on every token: the decoder reads the
+20k-word vocabulary it is never played; textlm_kind cover / zipf / mix, as `extra`'s text).
 Not a test and not part of lalm: an experiment harness whose findings live in configs/tiny.
 """
 
@@ -50,7 +52,7 @@ DEFAULTS = {"layers": 2, "hidden": 256, "ffn": 768, "heads": 4, "kv": 2, "lr": 1
             "tied": 1, "fdrop": 0.0, "tmask": 0, "tmask_len": 8, "fnoise": 0.0, "short_first": 0,
             "short_len": 5, "max_new": 40, "seed": 0, "tnoise": 0.0, "extra": [], "limit": 0,
             "beta2": 0.999, "ema": 0.0, "lsmooth": 0.0, "meanswap": 0.0, "chdrop": 0.0, "init": "", "dump": "",
-            "bpe_dropout": 0.0, "muon": 0.0, "muon_fp32": 0}
+            "bpe_dropout": 0.0, "muon": 0.0, "muon_fp32": 0, "textlm": 0, "textlm_kind": "cover"}
 
 
 def export(home: Path, out: Path, limit: int) -> None:
@@ -264,6 +266,31 @@ def run_one(cfg: dict, data: Path) -> None:
         t = drop_tok.encode(m["ref"]) + [tok.endoftext_id]
         return dict(m, ids=m["ids"][: len(m["ids"]) - m["ntgt"]] + t, ntgt=len(t))
     head = torch.nn.Linear(cfg["hidden"], tok.vocab_size).to(dev) if cfg["ctc"] and not cfg["tied"] else None
+    if cfg["textlm"]:  # text-only lines, language-model style: <|endoftext|> words <|endoftext|>
+        from lalm.data import build, sentences
+
+        reserved, vocab = build.plan("full", 0)[1].reserved, sentences.wordfreq_vocab()
+        zipf_w = [(r + 1) ** -0.5 for r in range(len(vocab))]  # wordfreq_vocab is in frequency order
+        text_rng, walk = random.Random(1000 + cfg["seed"]), []
+
+    def text_item() -> dict:
+        """A word list walking a shuffled copy of the 20k vocabulary (cover: every word in turn) or
+        drawn with weight rank^-0.5 (zipf), or a corpus sentence (mix); never a held-out line."""
+        while True:
+            k, kind = text_rng.randint(4, 9), cfg["textlm_kind"]
+            if kind == "mix":
+                words = sentences.sentence(text_rng, vocab)[1]
+            elif kind == "zipf":
+                words = " ".join(text_rng.choices(vocab, weights=zipf_w, k=k))
+            else:
+                while len(walk) < k:
+                    more = vocab[:]
+                    text_rng.shuffle(more)
+                    walk.extend(more)
+                words = " ".join(walk.pop() for _ in range(k))
+            if words not in reserved:
+                t = tok.encode(words) + [tok.endoftext_id]
+                return {"n": 0, "off": 0, "ids": [tok.endoftext_id] + t, "ntgt": len(t), "ref": words}
 
     def batch(items, feats, targets=True):
         B, T = len(items), max(len(m["ids"]) for m in items)
@@ -364,6 +391,8 @@ def run_one(cfg: dict, data: Path) -> None:
             items = [train[order.pop()] for _ in range(cfg["bs"])]
         if cfg["bpe_dropout"]:
             items = [redraw(m) for m in items]
+        if cfg["textlm"]:
+            items = items + [text_item() for _ in range(cfg["textlm"])]
         ids, att, lab, rows = batch(items, X)
         if cfg["tmask"]:
             rows, o = rows.clone(), 0
