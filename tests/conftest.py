@@ -57,3 +57,18 @@ def lalm_model(hf_checkpoint):
         return cache[shape, seed]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny(hf_checkpoint, tmp_path_factory):
+    """lalm.LALM (fp32) on the "gqa" reference checkpoint, with a tokenizer whose specials sit
+    at the reference ids (test_generate.load_tiny); shared by the inference tests."""
+    from test_generate import load_tiny
+
+    return load_tiny(hf_checkpoint, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def hf(hf_model):
+    """transformers' model on the same "gqa" checkpoint as `tiny`."""
+    return hf_model("gqa")

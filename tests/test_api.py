@@ -15,20 +15,10 @@ import torch
 
 pytest.importorskip("transformers")
 from hf_reference import left_pad, special_ids, waveform, whisper_features
-from test_generate import CONVERSATIONS, VOCAB, load_tiny, waves_of
+from test_generate import CONVERSATIONS, VOCAB, waves_of
 
 import lalm
 from lalm.errors import AudioError, ChatFormatError, ConfigError, ContextLengthError
-
-
-@pytest.fixture(scope="session")
-def tiny(hf_checkpoint, tmp_path_factory):
-    return load_tiny(hf_checkpoint, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def hf(hf_model):
-    return hf_model("gqa")
 
 
 def test_logits_equal_transformers_batched(tiny, hf):

@@ -16,17 +16,11 @@ import soundfile as sf
 
 pytest.importorskip("transformers")
 from hf_reference import waveform
-from test_generate import load_tiny
 
 from lalm.__main__ import main
 from lalm.cli.chat import interactive
 
 GREEDY = ["--temperature", "0", "--max-new-tokens", "12"]
-
-
-@pytest.fixture(scope="session")
-def tiny(hf_checkpoint, tmp_path_factory):
-    return load_tiny(hf_checkpoint, tmp_path_factory)
 
 
 @pytest.fixture

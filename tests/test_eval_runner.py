@@ -81,7 +81,7 @@ def test_generation_is_restartable_and_greedy(tmp_path):
     records = generate_predictions(lm, items, pred, cfg)
     assert [n for n, _ in lm.calls] == [3, 1]  # only the 4 missing items were generated
     kw = lm.calls[0][1]
-    assert (kw["temperature"], kw["max_new_tokens"], kw["min_new_tokens"]) == (0, 256, 1)
+    assert (kw["temperature"], kw["max_new_tokens"], kw["min_new_tokens"], kw["num_beams"]) == (0, 256, 1, None)
     assert [r["id"] for r in records] == [it.id for it in items]
     assert [json.loads(line)["id"] for line in pred.read_text().splitlines()] == [it.id for it in items]
     res = score_records(records, "asr")["asr"]
@@ -171,6 +171,21 @@ def test_eval_on_the_corpus_dev_sets_reports_every_task(tmp_path, monkeypatch, c
     # Restarting into the same folder with other settings would mix predictions: refused.
     assert main(["eval", "--model", "stub", "--data", str(tmp_path / "corpus" / "eval"), "--output", str(out),
                  "--prompt-style", "base", "--no-progress"]) == 2
+    assert "holds predictions of another run" in capsys.readouterr().err
+
+
+def test_num_beams_reaches_the_model_and_is_part_of_the_run(tmp_path, monkeypatch, capsys):
+    answers = _manifests(tmp_path / "corpus")
+    stub = StubLM(answers)
+    monkeypatch.setattr(lalm, "load", lambda path, dtype=None, device=None: stub)
+    data, out = str(tmp_path / "corpus" / "eval"), tmp_path / "beams"
+    assert main(["eval", "--model", "stub", "--data", data, "--output", str(out), "--num-beams", "4",
+                 "--no-progress"]) == 0
+    assert {kw["num_beams"] for _, kw in stub.calls} == {4}
+    assert json.loads((out / "run.json").read_text())["num_beams"] == 4
+    assert json.loads((out / "report.json").read_text())["info"]["num_beams"] == 4
+    # Greedy predictions must not be appended to a beam-search run's file.
+    assert main(["eval", "--model", "stub", "--data", data, "--output", str(out), "--no-progress"]) == 2
     assert "holds predictions of another run" in capsys.readouterr().err
 
 

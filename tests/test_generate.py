@@ -61,16 +61,6 @@ def load_tiny(hf_checkpoint, tmp_path_factory):
     return _TINY["model"]
 
 
-@pytest.fixture(scope="session")
-def tiny(hf_checkpoint, tmp_path_factory):
-    return load_tiny(hf_checkpoint, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def hf(hf_model):
-    return hf_model("gqa")
-
-
 def audio(seconds: float, seed: int) -> dict:
     return {"type": "audio", "audio": {"array": waveform(seconds, seed), "sampling_rate": 16000}}
 
@@ -338,16 +328,19 @@ def test_processed_logits_equal_transformers_processors(opts):
     assert bool((ours == -torch.inf).eq(ref == -torch.inf).all())
 
 
-def test_stream_pieces_join_to_text(tiny):
-    conv = CONVERSATIONS["two_audios"]
-    stream = tiny.stream(conv, max_new_tokens=24, min_new_tokens=24, temperature=0)
+def drain(stream) -> tuple[list[str], object]:
+    """A LALM.stream generator's pieces and its return value (the GenerationResult)."""
     pieces = []
     while True:
         try:
             pieces.append(next(stream))
         except StopIteration as stop:
-            result = stop.value
-            break
+            return pieces, stop.value
+
+
+def test_stream_pieces_join_to_text(tiny):
+    conv = CONVERSATIONS["two_audios"]
+    pieces, result = drain(tiny.stream(conv, max_new_tokens=24, min_new_tokens=24, temperature=0))
     (r,) = tiny.generate(conv, max_new_tokens=24, min_new_tokens=24, temperature=0)
     assert "".join(pieces) == r.text == result.text
     assert result.token_ids == r.token_ids and r.text == tiny.tokenizer.decode(r.token_ids)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from lalm import beam
 from lalm import generate as gen
 from lalm.config import ModelConfig
 from lalm.errors import ConfigError
@@ -62,6 +63,8 @@ class GenerationDefaults:
     top_p: float = 1.0
     top_k: int = 50  # transformers' default when a file sets do_sample without top_k
     repetition_penalty: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 
     @classmethod
@@ -88,6 +91,8 @@ class GenerationDefaults:
                 top_p=float(d.get("top_p", cls.top_p)),
                 top_k=int(d.get("top_k", cls.top_k) or 0),
                 repetition_penalty=float(d.get("repetition_penalty", cls.repetition_penalty)),
+                num_beams=int(d.get("num_beams") or cls.num_beams),
+                length_penalty=float(d.get("length_penalty", cls.length_penalty)),
                 max_new_tokens=int(d.get("max_new_tokens") or cls.max_new_tokens),
             )
         except (TypeError, ValueError) as e:
@@ -101,6 +106,8 @@ class GenerationDefaults:
             top_p=self.top_p if self.do_sample else 1.0,
             top_k=self.top_k if self.do_sample else 0,
             repetition_penalty=self.repetition_penalty,
+            num_beams=self.num_beams,
+            length_penalty=self.length_penalty,
             stop_token_ids=self.eos_token_ids,
         )
         given = {k: v for k, v in overrides.items() if v is not None}
@@ -208,16 +215,24 @@ class LALM:
                                 prompt_tokens=len(row.prompt_ids), audio_tokens=row.audio_tokens,
                                 finish_reason=row.finish_reason)
 
+    def _beam_result(self, found: beam.Beam, audio_tokens: int) -> GenerationResult:
+        return GenerationResult(text=beam.text_of(found, self.tokenizer), token_ids=found.tokens,
+                                logprobs=found.logprobs, prompt_tokens=len(found.prompt_ids),
+                                audio_tokens=audio_tokens, finish_reason=found.finish_reason)
+
     def generate(self, conversations: Any, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
                  seed: int | None = None, stop: str | list[str] | None = None, min_new_tokens: int | None = None,
-                 stop_token_ids: list[int] | None = None,
+                 stop_token_ids: list[int] | None = None, num_beams: int | None = None,
+                 length_penalty: float | None = None,
                  batch_size: int = DEFAULT_BATCH_SIZE) -> list[GenerationResult]:
         """One GenerationResult per conversation, in order. Conversations are batched (left padded)
-        `batch_size` at a time; a greedy row's output does not depend on its batch."""
+        `batch_size` at a time; a greedy row's output does not depend on its batch. num_beams > 1:
+        beam search (lalm.beam: transformers' search and defaults), greedy only."""
         opts = self.options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-                            min_new_tokens=min_new_tokens, stop_token_ids=stop_token_ids)
+                            min_new_tokens=min_new_tokens, stop_token_ids=stop_token_ids,
+                            num_beams=num_beams, length_penalty=length_penalty)
         return self.generate_examples([self.prepare(c) for c in _as_list(conversations)], opts, batch_size)
 
     def generate_examples(self, examples: list, options: gen.SamplingOptions,
@@ -226,6 +241,10 @@ class LALM:
         input line on its own so that one bad line does not sink its batch)."""
         results: list[GenerationResult | None] = [None] * len(examples)
         for idx, batch in self._batches(examples, batch_size):
+            if options.num_beams > 1:
+                for i, found in zip(idx, beam.search(self.model, batch, options), strict=True):
+                    results[i] = self._beam_result(found, examples[i].audio_tokens)
+                continue
             rows = self._rows(examples, options, idx)
             for _ in gen.generate(self.model, batch, rows):
                 pass
@@ -239,6 +258,11 @@ class LALM:
         opts = self.options(**kw)
         examples = [self.prepare(conversation)]
         ((_, batch),) = self._batches(examples, 1)
+        if opts.num_beams > 1:  # the best beam is known only at the end: one piece
+            result = self._beam_result(beam.search(self.model, batch, opts)[0], examples[0].audio_tokens)
+            if result.text:
+                yield result.text
+            return result
         (row,) = rows = self._rows(examples, opts, [0])
         for _ in gen.generate(self.model, batch, rows):
             piece = row.take_text()

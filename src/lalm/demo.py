@@ -193,20 +193,26 @@ class Pipeline:
         t = time.perf_counter()
         cfg.progress = self.progress
         res = train(cfg)
-        write_generation_config(res.final, Tokenizer.load(res.final))
+        write_generation_config(res.final, Tokenizer.load(res.final), num_beams=self.recipe.num_beams)
         last = {k: round(v, 4) for k, v in res.last.items() if isinstance(v, float)}
         print(f"[{stage}] {last}")
         self._done(stage, key, time.perf_counter() - t)
 
     def export(self) -> None:
+        from lalm.tokenizer import Tokenizer
+
         final = self.demo / "runs" / "dpo" / "final"
         stamp = self.model_dir / ".from"
-        if stamp.is_file() and stamp.read_text() == self.state.get("dpo") and not self.dirty:
+        # num_beams is not part of the stages' keys (decoding, not training): a changed value
+        # re-exports the same weights with a new generation_config.json.
+        source = f"{self.state.get('dpo')} num_beams={self.recipe.num_beams}"
+        if stamp.is_file() and stamp.read_text() == source and not self.dirty:
             return
         tmp = self.demo / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(final, tmp)
-        (tmp / ".from").write_text(str(self.state.get("dpo")))
+        write_generation_config(tmp, Tokenizer.load(tmp), num_beams=self.recipe.num_beams)
+        (tmp / ".from").write_text(source)
         shutil.rmtree(self.model_dir, ignore_errors=True)
         tmp.rename(self.model_dir)
 
@@ -215,7 +221,7 @@ class Pipeline:
 
         r = self.recipe
         key = _fingerprint({"model": self.state.get("dpo"), "limit": r.eval_limit,
-                            "tokens": r.eval_max_new_tokens})
+                            "tokens": r.eval_max_new_tokens, **({"beams": r.num_beams} if r.num_beams > 1 else {})})
         out = self.demo / "eval"
         if not self._up_to_date("eval", key, out / "results.json"):
             t = time.perf_counter()
@@ -259,11 +265,13 @@ def demo_threads(recipe_threads: int, cores: int) -> int:
     return min(recipe_threads, cores) if recipe_threads > 0 else cores
 
 
-def write_generation_config(folder: Path, tokenizer, max_new_tokens: int = 128) -> None:
-    """Greedy decoding that stops at <|im_end|> (chat) or <|endoftext|> (raw prompts)."""
+def write_generation_config(folder: Path, tokenizer, max_new_tokens: int = 128, num_beams: int = 1) -> None:
+    """Greedy decoding (or beam search, num_beams > 1) that stops at <|im_end|> (chat) or
+    <|endoftext|> (raw prompts)."""
+    beams = {"num_beams": num_beams} if num_beams > 1 else {}
     (Path(folder) / GENERATION_CONFIG).write_text(json.dumps({
         "eos_token_id": [tokenizer.im_end_id, tokenizer.endoftext_id],
-        "pad_token_id": tokenizer.endoftext_id, "do_sample": False, "max_new_tokens": max_new_tokens,
+        "pad_token_id": tokenizer.endoftext_id, "do_sample": False, "max_new_tokens": max_new_tokens, **beams,
     }, indent=1) + "\n")
 
 

@@ -3,7 +3,8 @@ after, plots, example turns and the commands to use the model.
 
 The scores come from the same code as `lalm eval --model HOME/demo/model --data HOME/corpus/eval`
 (adapters -> runner -> metrics), run in-process. DPO's effect is measured on what it targets:
-the preference dev set's prompts answered by the SFT and the DPO model (greedy), counting answers
+the preference dev set's prompts answered by the SFT and the DPO model (decoded as the recipe's
+`num_beams` says, both alike), counting answers
 equal to the chosen one, equal to the rejected one, and their length; plus the voice-chat
 accuracy of both models and the dev reward accuracy the DPO run logged.
 """
@@ -41,12 +42,14 @@ def _norm(text: str) -> str:
     return english_normalize(text).strip()
 
 
-def preference_eval(lm, records: list[dict], batch_size: int, max_new_tokens: int) -> dict:
-    """Greedy answers to the preference dev prompts: share equal to chosen / rejected, mean words."""
+def preference_eval(lm, records: list[dict], batch_size: int, max_new_tokens: int, num_beams: int = 1) -> dict:
+    """The model's answers (greedy, or beam search) to the preference dev prompts: share equal to
+    chosen / rejected, mean words."""
     convs = [r["messages"] for r in records]
     outs = []
     for i in range(0, len(convs), batch_size):
-        outs += [g.text for g in lm.generate(convs[i: i + batch_size], max_new_tokens=max_new_tokens)]
+        outs += [g.text for g in lm.generate(convs[i: i + batch_size], max_new_tokens=max_new_tokens,
+                                             temperature=0, num_beams=num_beams)]
     n = max(len(records), 1)
     chosen = sum(_norm(o) == _norm(r["chosen"]) for o, r in zip(outs, records))
     rejected = sum(_norm(o) == _norm(r["rejected"]) for o, r in zip(outs, records))
@@ -67,7 +70,8 @@ def run_eval(p, out: Path) -> None:
     r = p.recipe
     out.mkdir(parents=True, exist_ok=True)
     items = adapters.load(p.corpus / "eval", limit=r.eval_limit or None)
-    cfg = RunConfig(batch_size=r.eval_batch_size, max_new_tokens=r.eval_max_new_tokens, progress=p.progress)
+    cfg = RunConfig(batch_size=r.eval_batch_size, max_new_tokens=r.eval_max_new_tokens, progress=p.progress,
+                    num_beams=r.num_beams)
     print(f"[eval] {len(items)} held-out items (lalm eval --model {p.model_dir} --data {p.corpus / 'eval'})")
     lm = lalm.load(p.model_dir)
     results = score_records(generate_predictions(lm, items, out / "predictions.jsonl", cfg))
@@ -77,8 +81,9 @@ def run_eval(p, out: Path) -> None:
     # DPO before/after: the SFT model is the DPO reference.
     sft = lalm.load(p.demo / "runs" / "sft" / "final")
     pref = load_records(p.demo / "data" / "dpo" / "dev.jsonl")
-    dpo = {"after": preference_eval(lm, pref, r.eval_batch_size, r.eval_max_new_tokens),
-           "before": preference_eval(sft, pref, r.eval_batch_size, r.eval_max_new_tokens)}
+    dpo = {"after": preference_eval(lm, pref, r.eval_batch_size, r.eval_max_new_tokens, r.num_beams),
+           "before": preference_eval(sft, pref, r.eval_batch_size, r.eval_max_new_tokens, r.num_beams),
+           "num_beams": r.num_beams}
     chat_items = [it for it in items if it.source == "voice_chat_piper"]
     if chat_items:
         before = score_records(generate_predictions(sft, chat_items, out / "sft_voice_chat.jsonl", cfg))
@@ -139,7 +144,9 @@ def subset_table(results: dict) -> str:
 
 def dpo_table(dpo: dict) -> str:
     b, a = dpo.get("before", {}), dpo.get("after", {})
-    lines = ["| preference dev set (greedy answers) | SFT (before DPO) | DPO (after) |", "|---|---|---|"]
+    k = dpo.get("num_beams", 1)
+    how = "greedy answers" if k == 1 else f"answers, {k} beams"
+    lines = [f"| preference dev set ({how}) | SFT (before DPO) | DPO (after) |", "|---|---|---|"]
     for key, label in (("chosen_pct", "answer = chosen (%)"), ("rejected_pct", "answer = rejected (%)"),
                        ("mean_words", "mean answer length (words)")):
         if key in a:

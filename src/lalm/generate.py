@@ -51,6 +51,8 @@ class SamplingOptions:
     stop: tuple[str, ...] = ()  # stop strings (cut from the text; needs a text stream)
     seed: int | None = None  # per row: a seeded row samples the same alone or in any batch
     top_logprobs: int = 0  # also record the k most likely ids and their log-probs at each step
+    num_beams: int = 1  # > 1: beam search (lalm.beam; greedy only, offline decoding)
+    length_penalty: float = 1.0  # beam search: a finished beam scores sum log p / length ** this
 
     def __post_init__(self) -> None:
         checks = [
@@ -61,12 +63,21 @@ class SamplingOptions:
             ("top_k", self.top_k >= 0, "must be >= 0"),
             ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
             ("top_logprobs", self.top_logprobs >= 0, "must be >= 0"),
+            ("num_beams", self.num_beams >= 1, "must be >= 1"),
+            ("length_penalty", math.isfinite(self.length_penalty), "must be finite"),
         ]
         for name, ok, why in checks:
             if not ok:
                 raise ConfigError(f"sampling option {name}={getattr(self, name)!r}: {why}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ConfigError(f"sampling option stop={self.stop!r}: stop strings must be non-empty strings")
+        if self.num_beams > 1:
+            clash = [f"{name}={v!r}" for name, v, off in [("temperature", self.temperature, 0.0),
+                                                        ("stop", self.stop, ()), ("top_logprobs", self.top_logprobs, 0)]
+                     if v != off]
+            if clash:
+                raise ConfigError(f"num_beams={self.num_beams} (beam search) cannot be combined with {', '.join(clash)}: "
+                                  "beam search is deterministic and ends on stop tokens only")
 
     @property
     def greedy(self) -> bool:
@@ -286,6 +297,9 @@ class DecodeState:
     def _admit(self, batch, rows: list[Row], cache: KVCache, B: int, T: int) -> None:
         if len(rows) != B:
             raise ValueError(f"{len(rows)} rows for a batch of {B}")
+        if any(r.options.num_beams > 1 for r in rows):
+            raise ConfigError("num_beams > 1 is beam search (lalm.beam.search, which LALM.generate runs): "
+                              "the row decoder and the serving engine decode one sequence per row")
         logits = prefill(self.model, batch, _rows_view(cache, B))  # (B, V); start: slots [0, B)
         slots = slice(self.n, self.n + B)
         device = self.cache.k.device

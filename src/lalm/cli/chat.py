@@ -54,7 +54,7 @@ def _user_turn(audios: list[str], text: str | None) -> dict:
 
 def _options(args: argparse.Namespace) -> dict:
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "top_k": args.top_k, "seed": args.seed}
+            "top_k": args.top_k, "seed": args.seed, "num_beams": args.num_beams, "length_penalty": args.length_penalty}
 
 
 def _reply(model, conversation: list[dict], options: dict, out: TextIO) -> str:

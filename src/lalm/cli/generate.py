@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     model = lalm.load(args.model, dtype=args.dtype, device=args.device)
     options = model.options(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            num_beams=args.num_beams, length_penalty=args.length_penalty)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     n_err = 0
     with args.output.open("a", encoding="utf-8") as out, tqdm(total=len(todo), unit="conv",

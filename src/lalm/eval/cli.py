@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-style", choices=["base", "instruct"], default="instruct",
                         help="base: the official raw prompts (base model); instruct: a chat turn")
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--num-beams", type=int, default=None,
+                        help="> 1: beam search (transformers' search); 1: greedy (default: the checkpoint's "
+                             "generation_config.json, as the official scripts' generate() reads it: 1 for Qwen2-Audio)")
     parser.add_argument("--dtype", help="float32, bf16, fp16 (default: as stored)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK when available)")
     parser.add_argument("--predictions", help="score: the predictions jsonl")
@@ -149,18 +152,20 @@ def _run(args) -> int:
         raise ConfigError("--batch-size must be at least 1")
     items = adapters.load(args.data, benchmark=args.benchmark, task=args.task, limit=args.limit)
     out = Path(args.output)
+    # num_beams only when given: the run.json of an earlier run stays valid
     _check_same_run(out, {"model": str(args.model), "data": str(Path(args.data).resolve()),
                           "prompt_style": args.prompt_style, "max_new_tokens": args.max_new_tokens,
-                          "dtype": args.dtype})
+                          "dtype": args.dtype, **({"num_beams": args.num_beams} if args.num_beams else {})})
     lm = lalm.load(args.model, dtype=args.dtype, device=_device(args.device))
     cfg = RunConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                    prompt_style=args.prompt_style, progress=not args.no_progress)
+                    prompt_style=args.prompt_style, progress=not args.no_progress, num_beams=args.num_beams)
     records = generate_predictions(lm, items, out / "predictions.jsonl", cfg)
     if records is None:  # not rank 0
         return 0
     results = score_records(records, args.task, judge=_judge(args))
     info = {"model": str(args.model), "data": str(args.data), "prompt_style": args.prompt_style,
-            "batch_size": args.batch_size, "items": len(items)}
+            "batch_size": args.batch_size, "items": len(items),
+            "num_beams": args.num_beams or getattr(getattr(lm, "defaults", None), "num_beams", 1)}
     paths = report.write(_clean(results), out, title=f"lalm eval: {Path(str(args.model)).name}", info=info)
     _print_table(results)
     print(f"report: {paths['markdown']}  {paths['json']}  {paths['png']}", file=sys.stderr)

@@ -1,8 +1,10 @@
 """Generate predictions for eval items, then score them; restartable and data-parallel.
 
-Generation follows the official scripts: greedy, `max_new_tokens=256`, `min_new_tokens=1`,
-left-padded batches (lalm's batched greedy output equals each conversation alone, so items
-are batched by length to save padding). Each finished batch is appended to the predictions
+Generation follows the official scripts: `do_sample=False`, `max_new_tokens=256`, `min_new_tokens=1`,
+the rest from the checkpoint's generation_config.json as transformers' `generate` reads it
+(greedy for Qwen2-Audio; beam search where it sets `num_beams`, or with `--num-beams`),
+left-padded batches (lalm's batched output equals each conversation alone, so items are
+batched by length to save padding). Each finished batch is appended to the predictions
 file at once, so a killed run restarts where it stopped: items whose (source, id) is already
 in the file are skipped. At the end the file is rewritten in item order.
 
@@ -38,6 +40,7 @@ class RunConfig:
     max_new_tokens: int = 256
     prompt_style: str = "instruct"
     progress: bool = True
+    num_beams: int | None = None  # None: the checkpoint's generation_config (as transformers' generate); > 1: beams
 
 
 def conversation(item: EvalItem, style: str) -> Any:
@@ -100,7 +103,8 @@ def shard(items: list, rank: int, world: int) -> list:
 
 def _generate(lm, items: list[EvalItem], cfg: RunConfig) -> list[tuple[str, str | None]]:
     convs = [conversation(it, cfg.prompt_style) for it in items]
-    kw = {"max_new_tokens": cfg.max_new_tokens, "temperature": 0, "min_new_tokens": 1, "batch_size": cfg.batch_size}
+    kw = {"max_new_tokens": cfg.max_new_tokens, "temperature": 0, "min_new_tokens": 1, "batch_size": cfg.batch_size,
+          "num_beams": cfg.num_beams}
     try:
         return [(r.text, None) for r in lm.generate(convs, **kw)]
     except LalmError:

@@ -48,6 +48,7 @@ class Recipe:
     eval_batch_size: int = 16
     eval_limit: int = 0  # at most N items per eval set (0 = all)
     eval_max_new_tokens: int = 64
+    num_beams: int = 1  # how the trained model decodes (its generation_config.json; the demo's eval too)
     threads: int = 0  # torch threads: at most this many, never more than the cores (0 = all cores)
     stages: dict = field(default_factory=dict)  # stage -> {TrainConfig key: value}
 
