@@ -15,17 +15,12 @@ lalm's Muon orthogonalises in float32. Nothing is asserted; figures go to docs/b
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 
 import torch
-import torch.nn.functional as F
-from threads import batch  # bench/threads.py: also sets the demo's pins unless --no-pins
+from threads import TinyStep, machine  # bench/threads.py: sets the demo's pins unless --no-pins
 
-from lalm.config import ModelConfig
-from lalm.model import Qwen2AudioForConditionalGeneration
 from lalm.train.muon import MuonAdamW
 
 
@@ -37,40 +32,29 @@ def main() -> None:
     p.add_argument("--no-pins", action="store_true", help="the CPU's own code paths, not the demo's AVX2 ones")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
-          f"{torch.backends.cpu.get_cpu_capability()}, MKL_CBWR={os.environ.get('MKL_CBWR', '(unset)')}")
-
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny", text={"vocab_size": 2048}, audio_token_index=2045)
-    model = Qwen2AudioForConditionalGeneration(cfg)
-    model.audio_tower.requires_grad_(False)
-    init = {k: v.clone() for k, v in model.state_dict().items()}
-    ids, pos, mask, labels, rows, _ = batch(cfg)
-    sel = labels != -100
-    first = int(sel.any(0).nonzero()[0])
-    params = [q for q in model.parameters() if q.requires_grad]
-    hidden = {id(q) for q in model.language_model.model.layers.parameters() if q.dim() == 2}
-    mats, rest = [q for q in params if id(q) in hidden], [q for q in params if id(q) not in hidden]
+    print(machine(f"{args.threads} threads"))
+    t = TinyStep()
+    hidden = {id(q) for q in t.model.language_model.model.layers.parameters() if q.dim() == 2}
+    mats, rest = [q for q in t.params if id(q) in hidden], [q for q in t.params if id(q) not in hidden]
 
     def optimizers(kind: str) -> list[torch.optim.Optimizer]:
         if kind == "AdamW (torch)":
-            return [torch.optim.AdamW(params, lr=1e-4)]
+            return [torch.optim.AdamW(t.params, lr=1e-4)]
         if kind == "MuonAdamW (lalm, fp32 Newton-Schulz)":
             return [MuonAdamW([{"params": mats, "muon": True}, {"params": rest}], lr=1e-4)]
         return [torch.optim.Muon(mats, lr=1e-4, adjust_lr_fn="match_rms_adamw"), torch.optim.AdamW(rest, lr=1e-4)]
 
     def step(opts) -> None:
-        h = model.hidden_states(ids, pos, mask, audio_rows=rows, rows_from=first)
-        F.cross_entropy(model.language_model.lm_head(h[sel[:, first:]]), labels[:, first:][sel[:, first:]]).backward()
+        t.backward()
         for o in opts:
             o.step()
-        model.zero_grad(set_to_none=True)
+        t.model.zero_grad(set_to_none=True)
 
     kinds = ["AdamW (torch)", "MuonAdamW (lalm, fp32 Newton-Schulz)", "torch.optim.Muon (bf16) + AdamW"]
     ms: dict[str, list[float]] = {k: [] for k in kinds}
     for _ in range(args.trials):
         for k in kinds:
-            model.load_state_dict(init)
+            t.reset()
             opts = optimizers(k)
             step(opts)  # warm-up: state allocation, thread pool
             start = time.perf_counter()

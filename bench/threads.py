@@ -50,6 +50,38 @@ def batch(cfg: ModelConfig, b: int = 16, seed: int = 0):
     return ids, pos, mask, labels, rows, int(mask.sum())
 
 
+class TinyStep:
+    """A lalm-tiny-sized model (the `tiny` preset, 2,048 ids, frozen encoder, seeded) and one fixed
+    `batch`; `backward()` is a training step's forward + backward as `lalm train` runs it."""
+
+    def __init__(self, seed: int = 0):
+        torch.manual_seed(seed)
+        self.cfg = ModelConfig.preset("tiny", text={"vocab_size": 2048}, audio_token_index=2045)
+        self.model = Qwen2AudioForConditionalGeneration(self.cfg)
+        self.model.audio_tower.requires_grad_(False)
+        self.init = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.ids, self.pos, self.mask, self.labels, self.rows, self.tokens = batch(self.cfg)
+        self.sel = self.labels != -100
+        self.first = int(self.sel.any(0).nonzero()[0])  # the first target column (rows_from)
+        self.params = [q for q in self.model.parameters() if q.requires_grad]
+
+    def reset(self) -> None:
+        self.model.load_state_dict(self.init)
+        self.model.zero_grad(set_to_none=True)
+
+    def backward(self) -> None:
+        m, f, sel = self.model, self.first, self.sel[:, self.first:]
+        h = m.hidden_states(self.ids, self.pos, self.mask, audio_rows=self.rows, rows_from=f)
+        F.cross_entropy(m.language_model.lm_head(h[sel]), self.labels[:, f:][sel]).backward()
+
+
+def machine(threads: str) -> str:
+    """One line: the CPU, threads, torch and its code paths."""
+    return (f"{platform.processor() or platform.machine()}, {threads}, torch {torch.__version__}, "
+            f"{torch.backends.cpu.get_cpu_capability()}, MKL_CBWR={os.environ.get('MKL_CBWR', '(unset)')}, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", default="1,2,4,8,16")
@@ -59,52 +91,35 @@ def main() -> None:
     args = p.parse_args()
     cores = len(os.sched_getaffinity(0))
     counts = [int(t) for t in args.threads.split(",") if int(t) <= cores]
-    print(f"{platform.processor() or platform.machine()}, {cores} usable cores, torch {torch.__version__}, "
-          f"{torch.backends.cpu.get_cpu_capability()}, MKL_CBWR={os.environ.get('MKL_CBWR', '(unset)')}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
-
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny", text={"vocab_size": 2048}, audio_token_index=2045)
-    model = Qwen2AudioForConditionalGeneration(cfg)
-    model.audio_tower.requires_grad_(False)
-    init = {k: v.clone() for k, v in model.state_dict().items()}
-    ids, pos, mask, labels, rows, tokens = batch(cfg)
-    sel = labels != -100
-    first = int(sel.any(0).nonzero()[0])
+    print(machine(f"{cores} usable cores"))
+    s = TinyStep()
 
     def step(opt) -> None:
-        h = model.hidden_states(ids, pos, mask, audio_rows=rows, rows_from=first)
-        logits = model.language_model.lm_head(h[sel[:, first:]])
-        F.cross_entropy(logits, labels[:, first:][sel[:, first:]]).backward()
-        if opt is not None:
-            opt.step()
-        model.zero_grad(set_to_none=opt is not None)
+        s.backward()
+        opt.step()
+        s.model.zero_grad(set_to_none=True)
 
     def grads(threads: int) -> dict:
         torch.set_num_threads(threads)
-        model.load_state_dict(init)
-        model.zero_grad(set_to_none=True)
-        h = model.hidden_states(ids, pos, mask, audio_rows=rows, rows_from=first)
-        logits = model.language_model.lm_head(h[sel[:, first:]])
-        F.cross_entropy(logits, labels[:, first:][sel[:, first:]]).backward()
-        return {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+        s.reset()
+        s.backward()
+        return {n: q.grad.clone() for n, q in s.model.named_parameters() if q.grad is not None}
 
     one = grads(1)
     same = {t: all(torch.equal(one[n], g) for n, g in grads(t).items()) for t in counts}
     rates: dict[int, list[float]] = {t: [] for t in counts}
-    params = [q for q in model.parameters() if q.requires_grad]
     for _ in range(args.trials):
         for t in counts:
             torch.set_num_threads(t)
-            model.load_state_dict(init)
-            opt = torch.optim.AdamW(params, lr=1e-4)
+            s.reset()
+            opt = torch.optim.AdamW(s.params, lr=1e-4)
             step(opt)  # warm-up (thread pool, allocator)
             start = time.perf_counter()
             for _ in range(args.steps):
                 step(opt)
-            rates[t].append(tokens * args.steps / (time.perf_counter() - start))
+            rates[t].append(s.tokens * args.steps / (time.perf_counter() - start))
     base = statistics.median(rates[counts[0]])
-    print(f"batch 16, {tokens} tokens per step; {args.steps} steps x {args.trials} trials\n")
+    print(f"batch 16, {s.tokens} tokens per step; {args.steps} steps x {args.trials} trials\n")
     print("| threads | tokens/s (median) | vs " + f"{counts[0]} | gradients = 1 thread's |")
     print("|---|---|---|---|")
     for t in counts:
