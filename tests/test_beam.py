@@ -27,7 +27,7 @@ from hf_reference import special_ids, whisper_features
 from test_generate import CONVERSATIONS, VOCAB, audio, drain, hf_generate, text, waves_of
 
 from lalm import generate as gen
-from lalm.errors import ConfigError
+from lalm.errors import ConfigError, ContextLengthError
 
 
 def trimmed(ref: list[int], stops: set[int]) -> list[int]:
@@ -192,3 +192,31 @@ def test_many_stop_tokens_batched_match_transformers(tiny, hf, length_penalty):
                       length_penalty=length_penalty)
     for o, r in zip(ours, ref, strict=True):
         assert o.token_ids == trimmed(r, set(stops))
+
+
+def test_a_row_near_the_context_limit_stops_there_and_its_batch_mate_goes_on(tiny):
+    """Rows have their own budgets (context left), as the greedy rows do: the long prompt's beams
+    end at the context limit; the short prompt's run on, the same as alone."""
+    words = ["the", "sea", "was", "calm", "and", "the", "ship", "sailed", "on"]
+
+    def length(k: int) -> int:
+        try:
+            return len(tiny.prepare({"prompt": " ".join((words * 400)[:k]), "audios": []}).ids)
+        except ContextLengthError:
+            return 10**9
+
+    lo, hi = 1, 3600  # the most words whose prompt leaves >= 3 of the "gqa" checkpoint's 2,048 positions
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if length(mid) <= 2045 else (lo, mid - 1)
+    near = {"prompt": " ".join((words * 400)[:lo]), "audios": []}
+    room = 2048 - length(lo)
+    assert 3 <= room < 12
+    short = CONVERSATIONS["voice_only"]
+    both = tiny.generate([near, short], max_new_tokens=12, num_beams=3, stop_token_ids=[])
+    assert len(both[0].token_ids) == room and both[0].finish_reason == "length"
+    assert both[0].token_ids == tiny.generate(near, max_new_tokens=12, num_beams=3, stop_token_ids=[])[0].token_ids
+    alone = tiny.generate(short, max_new_tokens=12, num_beams=3, stop_token_ids=[])[0]
+    assert both[1].token_ids == alone.token_ids and len(alone.token_ids) == 12
+    (greedy,) = tiny.generate(near, max_new_tokens=12, temperature=0, stop_token_ids=[])
+    assert len(greedy.token_ids) == room  # the same budget as the greedy decoder's
