@@ -153,6 +153,12 @@ def test_generation_config_num_beams_is_the_default(tiny, tmp_path):
     conv = CONVERSATIONS["voice_only"]
     assert (lm.generate(conv, max_new_tokens=10)[0].token_ids
             == tiny.generate(conv, max_new_tokens=10, num_beams=3, length_penalty=0.5)[0].token_ids)
+    # Asked to sample (or for stop strings, top log-probs), the checkpoint's beams give way;
+    # named explicitly, beams with sampling are refused.
+    assert lm.options(temperature=0.7).num_beams == 1 and lm.options(stop=["x"]).num_beams == 1
+    assert lm.options(top_logprobs=2).num_beams == 1 and lm.options(temperature=0).num_beams == 3
+    with pytest.raises(ConfigError, match="temperature=0.7"):
+        lm.options(temperature=0.7, num_beams=3)
     # The server decodes one sequence per request whatever the checkpoint says.
     row = LALMBackend(lm)._row(0, LALMBackend(lm).prepare(conv), Options(max_new_tokens=4))
     assert row.options.num_beams == 1

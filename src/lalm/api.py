@@ -117,6 +117,12 @@ class GenerationDefaults:
             given["stop"] = tuple(given["stop"])
         if "stop_token_ids" in given:
             given["stop_token_ids"] = tuple(given["stop_token_ids"])
+        # The checkpoint's num_beams is a default for deterministic decoding: a call that samples,
+        # or asks for stop strings or top log-probs, without naming num_beams decodes one sequence.
+        # (An explicit num_beams > 1 with those is refused by SamplingOptions.)
+        merged = {**base.__dict__, **given}
+        if "num_beams" not in given and (merged["temperature"] > 0 or merged["stop"] or merged["top_logprobs"]):
+            given["num_beams"] = 1
         return replace(base, **given)
 
 
