@@ -21,7 +21,9 @@ The same search as `transformers.GenerationMixin._beam_search` with its defaults
 
 Cache: one preallocated KVCache of B*K slots (row b's beams at b*K .. b*K+K-1); the prompt is
 prefilled once per row and copied to its K slots; after each step the slots are reordered to
-follow their parent beams (only the columns written so far are copied).
+follow their parent beams (only the columns written so far are copied). A row that can no
+longer improve is answered and leaves the batch there (transformers computes it on to the end
+of the batch; its answer is the same, since a row's arithmetic does not depend on its batch).
 """
 
 from __future__ import annotations
@@ -113,7 +115,19 @@ def search(model, batch, options: SamplingOptions) -> list[Beam]:
     fin_len = torch.zeros(B, K, dtype=torch.long, device=device)
     fin_done = torch.zeros(B, K, dtype=torch.bool, device=device)
     improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
-    offsets = (torch.arange(B, device=device) * K)[:, None]  # (B, 1)
+    ids = torch.arange(B, device=device)  # the batch row each live row is
+    prompts = [batch.input_ids[b][batch.attention_mask[b].bool()].tolist() for b in range(B)]
+    out: list[Beam | None] = [None] * B
+    stops = set(options.stop_token_ids)
+
+    def emit(rows: torch.Tensor) -> None:
+        """The best finished beam of each live row in `rows` (local indices) is its answer."""
+        for b in rows.tolist():
+            n = int(fin_len[b, 0])
+            tokens = fin_tok[b, 0, :n].tolist()
+            out[int(ids[b])] = Beam(tokens=tokens, logprobs=fin_lp[b, 0, :n].tolist(), score=float(fin_score[b, 0]),
+                                    finish_reason="stop" if tokens and tokens[-1] in stops else "length",
+                                    prompt_ids=prompts[int(ids[b])])
 
     for step in range(M):
         raw = torch.log_softmax(logits, dim=-1)  # (B*K, V)
@@ -148,13 +162,25 @@ def search(model, batch, options: SamplingOptions) -> list[Beam]:
         improvable = improvable & (best_running > worst_finished).any(-1, keepdim=True)
         if not bool(improvable.any()) or bool(ends.all()) or step + 1 == M:
             break
-
-        # Slots follow their parents; feed each beam's new token.
-        slots = (src + offsets).view(-1)  # (B*K,)
+        # A row that cannot improve is final (transformers computes it on; its finished list no
+        # longer changes): answer it and drop it from the batch, as the greedy decoder drops rows.
+        live = improvable[:, 0]
+        if not bool(live.all()):
+            emit((~live).nonzero()[:, 0])
+            keep_rows = live.nonzero()[:, 0]
+            run_tok, run_lp, run_score, src = run_tok[keep_rows], run_lp[keep_rows], run_score[keep_rows], src[keep_rows]
+            fin_tok, fin_lp, fin_score = fin_tok[keep_rows], fin_lp[keep_rows], fin_score[keep_rows]
+            fin_len, fin_done, improvable = fin_len[keep_rows], fin_done[keep_rows], improvable[keep_rows]
+            budget, ids = budget[keep_rows], ids[keep_rows]
+        else:
+            keep_rows = torch.arange(B, device=device)
+        # Slots follow their parents (rows dropped above leave the batch here); feed each beam's new token.
+        slots = (src + keep_rows[:, None] * K).view(-1)  # (B'*K,) old slot of each new one
+        B = len(keep_rows)
         pos = T + step
         for t in (cache.k, cache.v):
             t[:, : B * K, :, :pos] = t[:, slots, :, :pos]
-        kv_mask[:, :pos] = kv_mask[slots, :pos]
+        kv_mask, next_pos = kv_mask[slots], next_pos[slots]
         kv_mask[:, pos] = True
         if seen is not None:
             seen = seen[slots]
@@ -162,17 +188,10 @@ def search(model, batch, options: SamplingOptions) -> list[Beam]:
         head = model.language_model.lm_head.weight
         with decode_threads(on=cpu_decode_path(head)), decode_attention(head.device):
             logits = model(run_tok[:, :, step].reshape(-1, 1), position_ids=(next_pos + step)[:, None],
-                           attention_mask=kv_mask[:, : pos + 1], cache=cache, cache_pos=pos,
+                           attention_mask=kv_mask[:, : pos + 1], cache=_rows_view(cache, B * K), cache_pos=pos,
                            logits_to_keep=1)[:, -1].float()  # (B*K, V)
 
-    out = []
-    stops = set(options.stop_token_ids)
-    for b in range(B):
-        n = int(fin_len[b, 0])
-        tokens = fin_tok[b, 0, :n].tolist()
-        out.append(Beam(tokens=tokens, logprobs=fin_lp[b, 0, :n].tolist(), score=float(fin_score[b, 0]),
-                        finish_reason="stop" if tokens and tokens[-1] in stops else "length",
-                        prompt_ids=batch.input_ids[b][batch.attention_mask[b].bool()].tolist()))
+    emit(torch.arange(B, device=device))
     return out
 
 
