@@ -52,6 +52,23 @@ def test_chat_json_voice_only(tiny, wavs, capsys):
     assert out == expected.to_dict() and out["audio_tokens"] > 0
 
 
+def test_chat_and_generate_take_num_beams(tiny, wavs, capsys):
+    wav = str(wavs / "audio" / "a.wav")
+    content = [{"type": "audio", "audio": wav}, {"type": "text", "text": "What is it?"}]
+    beams = ["--num-beams", "3", "--length-penalty", "0.5"]
+    expected = answer(tiny, content, num_beams=3, length_penalty=0.5)
+    assert expected.token_ids != answer(tiny, content).token_ids  # the flags must reach the search
+    assert main(["chat", "--model", str(tiny.path), "--audio", wav, "--prompt", "What is it?", *GREEDY, *beams]) == 0
+    assert capsys.readouterr().out == expected.text + "\n"
+    inp, out = wavs / "in.jsonl", wavs / "out.jsonl"
+    _jsonl(inp, [{"id": "q", "messages": [{"role": "user", "content": content}]}])
+    args = ["generate", "--model", str(tiny.path), "--input", str(inp), "--output", str(out), *GREEDY, *beams]
+    assert main(args) == 0
+    assert json.loads(out.read_text()) == {"id": "q", **expected.to_dict()}
+    assert main(["chat", "--model", str(tiny.path), "--audio", wav, "--temperature", "0.5", "--num-beams", "2"]) == 2
+    assert "cannot be combined with temperature=0.5" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("audio, words", [("missing.wav", "not found"), ("bad.wav", "cannot decode")])
 def test_chat_bad_audio_is_one_line_and_exit_2(tiny, wavs, capsys, audio, words):
     code = main(["chat", "--model", str(tiny.path), "--audio", str(wavs / "audio" / audio), "--prompt", "x"])
