@@ -85,8 +85,6 @@ def search(model, batch, options: SamplingOptions) -> list[Beam]:
     budget = torch.clamp(room, max=options.max_new_tokens)  # (B,) >= 1 (check_context)
     M = int(budget.max())
     stop_ids = torch.tensor(options.stop_token_ids, dtype=torch.long, device=device)
-    width = max(2, 1 + len(options.stop_token_ids)) * K  # candidates kept per row and step
-    first_k = torch.arange(width, device=device) < K  # only these may finish (transformers)
 
     cache = KVCache.for_model(model, B * K, T + M)
     logits = prefill(model, batch, _rows_view(cache, B))  # (B, V); prompts in slots [0, B)
@@ -94,6 +92,9 @@ def search(model, batch, options: SamplingOptions) -> list[Beam]:
         t[:, : B * K, :, :T] = t[:, :B, :, :T].repeat_interleave(K, dim=1)
     logits = logits.float().repeat_interleave(K, dim=0)  # (B*K, V): K identical copies
     V = logits.shape[-1]
+    # Candidates kept per row and step (transformers'; at most every continuation of every beam).
+    width = min(max(2, 1 + len(options.stop_token_ids)) * K, K * V)
+    first_k = torch.arange(width, device=device) < K  # only these may finish (transformers)
     kv_mask = torch.zeros(B * K, T + M, dtype=torch.bool, device=device)
     kv_mask[:, :T] = mask0.repeat_interleave(K, dim=0)
     next_pos = lengths.repeat_interleave(K)  # (B*K,) RoPE position of each slot's next token
