@@ -1,7 +1,8 @@
-"""The one decode loop: prefill, one-token decode steps, sampling; rows that come and go.
+"""The decode loop of single sequences: prefill, one-token decode steps, sampling; rows that come and go.
 
 `LALM.generate/stream` (api.py) and the server's continuous-batching engine both run on these
-pieces, so there is exactly one implementation of sampling and of the KV-cache bookkeeping:
+pieces, so there is exactly one implementation of sampling and of the KV-cache bookkeeping (beam
+search, lalm.beam, reuses `prefill`, `SamplingOptions` and `TextStream`):
 
 - `SamplingOptions`: frozen, one per request (temperature 0 = greedy).
 - `sample(logits, options, generator, seen, n_generated)`: one row's next token, applying
