@@ -162,6 +162,32 @@ def test_killed_cached_run_resumes_to_the_uninterrupted_curve(tmp_path):
     assert read_metrics(tmp_path / "clean")[0]["loss"] != ref[0]["loss"]
 
 
+def test_lora_on_the_decoder_trains_on_cached_rows_as_on_mels(tmp_path):
+    """Decoder adapters do not change the encoder's outputs, so they train on the cache: the same
+    loss curve as the mel path up to the fp16 rows' rounding, the base weights untouched."""
+    data = asr_manifest(tmp_path, n=8)
+    lora = ["lora_r=4", "lora_alpha=8", "lora_target_modules=[q_proj, v_proj, down_proj]", "max_steps=6",
+            "freeze=[encoder, projector, decoder]", "lr=3e-3"]
+    cached = train(config("sft", data, tmp_path / "cached", *lora, f"feature_cache={tmp_path / 'c'}"))
+    train(config("sft", data, tmp_path / "mels", *lora))
+    a, b = read_metrics(tmp_path / "cached"), read_metrics(tmp_path / "mels")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-2 * y["loss"], (x, y)
+    assert a[-1]["loss"] < a[0]["loss"]  # the adapters learn
+    from lalm.weights import load_checkpoint
+
+    # lr 0: the exported init (the preset's seeded random weights, zero adapters merged)
+    still = train(config("sft", data, tmp_path / "still", *lora, "lr=0", "max_steps=1",
+                         f"feature_cache={tmp_path / 'c'}"))
+    init = load_checkpoint(still.final, dtype=torch.float32).state_dict()
+    final = load_checkpoint(cached.final, dtype=torch.float32).state_dict()
+    moved = [k for k, v in init.items() if not torch.equal(v, final[k])]
+    # only the adapted matrices move (merged into the exported weights); norms, MLP up/gate, the
+    # projector and the embeddings stay the init's
+    assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight")) for k in moved), moved
+
+
 def test_unreadable_clip_is_skipped_and_counted(tmp_path):
     records = [asr_record(tmp_path, k) for k in range(8)]
     (tmp_path / "junk.wav").write_bytes(b"RIFF not really audio")
@@ -176,7 +202,8 @@ def test_unreadable_clip_is_skipped_and_counted(tmp_path):
 
 @pytest.mark.parametrize("overrides, key", [
     (["freeze=[]"], "feature_cache"),
-    (["freeze=[encoder]", "lora_r=4", "lora_target_modules=[q_proj]"], "feature_cache"),
+    (["freeze=[encoder]", "lora_r=4", "lora_target_modules=[q_proj]", "lora_components=[encoder, decoder]"],
+     "feature_cache"),
     (["freeze=[encoder]", "augment_gain_db=3"], "augment_gain_db"),
     (["freeze=[encoder]", "augment_speed=0.1"], "augment_speed"),
     (["freeze=[encoder]", "augment_noise_snr_db=0"], "augment_noise_snr_db"),

@@ -137,8 +137,9 @@ class TrainConfig:
             return
         if "encoder" not in self.freeze:
             raise ConfigError("feature_cache: cached encoder outputs need the encoder frozen (freeze: [encoder])")
-        if self.lora_r:
-            raise ConfigError("feature_cache: not with LoRA (lora_r > 0); the cached path trains the decoder directly")
+        if self.lora_r and "encoder" in self.lora_components:
+            raise ConfigError("feature_cache: not with LoRA adapters in the encoder (lora_components has encoder): "
+                              "they change its outputs, so they cannot be computed once")
         waveform = {"augment_gain_db": self.augment_gain_db != 0, "augment_speed": self.augment_speed != 0,
                     "augment_noise_snr_db": self.augment_noise_snr_db is not None}
         for key, on in waveform.items():
