@@ -15,11 +15,14 @@ lalm's Muon orthogonalises in float32. Nothing is asserted; figures go to docs/b
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
-from threads import TinyStep, machine  # bench/threads.py: sets the demo's pins unless --no-pins
+from threads import (  # bench/threads.py: sets the demo's pins unless --no-pins
+    TinyStep,
+    machine,
+    medians_table,
+)
 
 from lalm.train.muon import MuonAdamW
 
@@ -61,13 +64,8 @@ def main() -> None:
             for _ in range(args.steps):
                 step(opts)
             ms[k].append(1000 * (time.perf_counter() - start) / args.steps)
-    base = statistics.median(ms[kinds[0]])
     print(f"\n{len(mats)} Muon matrices; {args.steps} steps x {args.trials} trials\n")
-    print("| optimizer | ms per step (median) | vs AdamW |")
-    print("|---|---|---|")
-    for k in kinds:
-        m = statistics.median(ms[k])
-        print(f"| {k} | {m:,.0f} | {m / base:.2f}x |")
+    print(medians_table(["optimizer", "ms per step (median)", "vs AdamW"], ms))
 
 
 if __name__ == "__main__":

@@ -82,6 +82,18 @@ def machine(threads: str) -> str:
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
 
 
+def medians_table(header: list[str], samples: dict, extra: dict | None = None) -> str:
+    """A Markdown table: per arm (label -> measurements), its median and the ratio to the first
+    arm's; `extra` adds one more column per arm. Header: label, median, ratio[, extra]."""
+    base = statistics.median(next(iter(samples.values())))
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, values in samples.items():
+        m = statistics.median(values)
+        cells = [str(label), f"{m:,.0f}", f"{m / base:.2f}x"] + ([extra[label]] if extra else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", default="1,2,4,8,16")
@@ -118,13 +130,9 @@ def main() -> None:
             for _ in range(args.steps):
                 step(opt)
             rates[t].append(s.tokens * args.steps / (time.perf_counter() - start))
-    base = statistics.median(rates[counts[0]])
     print(f"batch 16, {s.tokens} tokens per step; {args.steps} steps x {args.trials} trials\n")
-    print("| threads | tokens/s (median) | vs " + f"{counts[0]} | gradients = 1 thread's |")
-    print("|---|---|---|---|")
-    for t in counts:
-        m = statistics.median(rates[t])
-        print(f"| {t} | {m:,.0f} | {m / base:.2f}x | {'yes' if same[t] else 'no'} |")
+    print(medians_table(["threads", "tokens/s (median)", f"vs {counts[0]}", "gradients = 1 thread's"], rates,
+                        {t: "yes" if same[t] else "no" for t in counts}))
 
 
 if __name__ == "__main__":
