@@ -11,6 +11,8 @@ import base64
 import io
 import json
 import os
+import tracemalloc
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -23,7 +25,8 @@ from fastapi.testclient import TestClient
 from lalm.serve.app import ServerConfig, create_app
 from lalm.serve.engine import Engine
 from lalm.serve.fake import FakeBackend
-from lalm.serve.media import MediaPolicy
+from lalm.serve.media import MediaPolicy, decode_audio
+from lalm.serve.schemas import APIError
 
 KEY = "sk-test-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -161,6 +164,57 @@ def test_audio_sources(client, media_dir):
         r = chat(client, {**GREEDY, "messages": user(audio_part(wav_bytes(0.5, 22050, fmt),
                                                                 fmt.lower()))})
         assert r.status_code == 200, (fmt, r.text)
+
+
+def test_percent_encoded_data_url_is_the_same_audio(client):
+    """A data: URL without ;base64 carries the file's bytes percent-encoded (RFC 2397): the
+    model must hear the same audio as from the base64 form, not bytes mangled as text."""
+    wav = wav_bytes(0.5)
+    answers = []
+    for url in ("data:audio/wav;base64," + base64.b64encode(wav).decode(),
+                "data:audio/wav," + quote(wav)):
+        r = chat(client, {**GREEDY, "messages": user({"type": "audio_url",
+                                                      "audio_url": {"url": url}})})
+        assert r.status_code == 200, r.text
+        answers.append((r.json()["choices"][0]["message"]["content"],
+                        r.json()["usage"]["prompt_tokens"]))
+    assert answers[0] == answers[1]
+
+
+def test_null_options_mean_their_defaults(client):
+    """OpenAI's API takes null for these (`"n": null` is n=1); clients that forward their unset
+    options send exactly that, and must get an answer, not a 400."""
+    msgs = [{"role": "user", "content": "hi"}]
+    r = chat(client, {**GREEDY, "messages": msgs, "max_tokens": 3, "stream": None, "n": None,
+                      "logprobs": None, "top_logprobs": None, "stop": None, "seed": None})
+    assert r.status_code == 200, r.text
+    (choice,) = r.json()["choices"]
+    assert choice["message"]["content"] and choice["logprobs"] is None
+    r = chat(client, {**GREEDY, "messages": msgs, "max_tokens": 3, "stream": True,
+                      "stream_options": {"include_usage": None}})
+    assert r.status_code == 200, r.text
+    events = _sse_events(r.text)
+    assert events[-1] == "[DONE]" and "usage" not in json.loads(events[-2])
+
+
+def test_long_audio_is_refused_before_it_is_decoded():
+    """Silence compresses ~1000x in FLAC, so a small upload can hold hours of audio: its
+    length is read from the header and refused there, not after decoding it into memory
+    (20 minutes here would take ~80 MB; 25 MB of such FLAC, ~90 GB)."""
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, "w", 16000, 1, format="FLAC") as f:
+        for _ in range(20):
+            f.write(np.zeros(16000 * 60, np.int16))
+    raw = buf.getvalue()
+    assert len(raw) < 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(APIError, match="longer than this server's limit of 60 s"):
+            decode_audio(raw, "file", MediaPolicy(max_audio_seconds=60))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10_000_000, f"decoded {peak / 1e6:.0f} MB to find it too long"
 
 
 def test_models_health_and_page(client):

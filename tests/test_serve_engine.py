@@ -148,6 +148,25 @@ def test_shutdown_finishes_running_and_refuses_waiting():
     assert isinstance(end_wait, Failed) and end_wait.status == 503
 
 
+def test_rows_cut_by_the_shutdown_deadline_fail_with_503():
+    """A row still decoding when the grace runs out was not answered: its client gets a 503
+    it can retry, not an end with a finish_reason ("abort") that OpenAI clients don't know."""
+    backend = FakeBackend(step_delay_s=0.002, min_tokens=10**6)
+    engine = Engine(backend, max_batch=1)
+    engine.start()
+
+    async def main():
+        h = engine.submit(prep(backend, "a"), Options(max_new_tokens=10**5))
+        await wait_until(lambda: engine.steps >= 2)
+        await asyncio.get_running_loop().run_in_executor(None, engine.shutdown, 0.05)
+        return await collect(h)
+
+    _, end = run(main())
+    assert isinstance(end, Failed) and end.status == 503, end
+    assert "shut down" in end.message
+    assert backend.rows == {}
+
+
 class ByteBackend(FakeBackend):
     """Emits the UTF-8 bytes of a fixed answer, one byte per token (splits characters)."""
 

@@ -103,7 +103,7 @@ class Delta:
 
 @dataclass
 class Finished:
-    reason: str  # "stop" | "length" | "abort"
+    reason: str  # "stop" | "length" | "abort" (cancelled: only for a client that left)
     prompt_tokens: int
     completion_tokens: int
 
@@ -174,7 +174,7 @@ class Engine:
             self._thread.start()
 
     def shutdown(self, grace_s: float = 30.0) -> None:
-        """Refuse new work, fail what waits, let running rows finish for `grace_s`, then abort."""
+        """Refuse new work, fail what waits, let running rows finish for `grace_s`, then fail them."""
         with self._cv:
             self._stopping = True
             self._deadline = time.monotonic() + grace_s
@@ -280,7 +280,11 @@ class Engine:
         if gone:
             self.backend.remove(gone)
         for r in dropped:
-            self._finish(r, Finished("abort", r.prepared.prompt_tokens, r.completion_tokens))
+            if r.cancelled:  # its client is gone: this end is read by nobody
+                self._finish(r, Finished("abort", r.prepared.prompt_tokens, r.completion_tokens))
+            else:  # cut by the shutdown deadline: unanswered, so an error the client can retry
+                self._finish(r, Failed("the server shut down before this answer was finished",
+                                       503))
         if admitted:
             # Prefill new rows now; everyone decodes together from the next step on.
             try:

@@ -90,8 +90,21 @@ class Message(_Strict):
     content: str | list[Part] | None = None
 
 
+def _nulls_as_absent(data: Any, keys: tuple[str, ...]) -> Any:
+    # OpenAI's API takes null for these (`"n": null` is n=1), and clients that forward their
+    # unset options send exactly that: read it as "not sent", not as a wrong type.
+    if isinstance(data, dict):
+        return {k: v for k, v in data.items() if not (v is None and k in keys)}
+    return data
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        return _nulls_as_absent(data, ("include_usage",))
 
 
 class ChatRequest(_Strict):
@@ -108,6 +121,11 @@ class ChatRequest(_Strict):
     n: int = Field(default=1, ge=1, le=16)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        return _nulls_as_absent(data, ("stream", "n", "logprobs"))
 
     @model_validator(mode="after")
     def _check(self) -> ChatRequest:
