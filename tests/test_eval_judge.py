@@ -34,6 +34,8 @@ class StubJudge:
                                   "temperature": body["temperature"], "max_tokens": body["max_tokens"]})
             if question == "hopeless question":
                 return "Both answers are fine, I would say 7 out of 10."
+            if question == "refused question":
+                return None  # "content": null, which the API allows (a refusal, a filtered reply)
             if self.malformed_left.get(question, 0) > 0:
                 self.malformed_left[question] -= 1
                 return "Assistant 1: 9, Assistant 2: 8"
@@ -125,3 +127,47 @@ def test_unreachable_judge_counts_failures(monkeypatch):
     judge = Judge(JudgeConfig(url="http://127.0.0.1:9/v1", retries=1, retry_sleep_s=0.0, timeout_s=2))
     s = judge.score("m", "q", "ref", "pred")
     assert s.failures == 2 and s.score is None
+
+
+def test_a_reply_without_text_is_a_failure_not_a_crash(stub_server, monkeypatch):
+    url, stub = stub_server
+    monkeypatch.setenv("LALM_JUDGE_API_KEY", "test-key")
+    judge = Judge(JudgeConfig(url=url, retries=1, retry_sleep_s=0.0, workers=2))
+    records = [
+        {"id": "1", "source": "sound_QA", "question": "refused question", "meta_info": "m", "reference": "REF-OK",
+         "prediction": "PRED-MID"},
+        {"id": "2", "source": "sound_QA", "question": "q2", "meta_info": "m", "reference": "REF-OK",
+         "prediction": "PRED-BAD"},
+    ]
+    res = score_chat(records, judge)  # a null "content" must not stop the run and lose the other scores
+    assert sum(q["question"] == "refused question" for q in stub.requests) == 4  # retried, both orders
+    assert records[0]["judge"] == {"model": [], "reference": [], "failures": 2}
+    assert res["by_source"]["sound_QA"]["score"] == 2 and res["metrics"]["judge_failures"] == 2
+
+
+def test_air_bench_average_is_the_mean_of_the_four_categories():
+    """The leaderboard's Average (Qwen2-Audio: 6.93) averages speech, sound, music and mixed; the pooled
+    mean over answers weighs the bigger categories more and is not comparable with it."""
+    from lalm.eval import report
+    from lalm.eval.judge import ChatScore
+
+    by_source = {"speech_QA": 8, "sound_QA": 6, "music_QA": 5, "speech_and_sound_QA": 4, "speech_and_music_QA": 6}
+
+    class FixedJudge:  # scores each answer by its task; what score_chat needs of a Judge
+        config = JudgeConfig(url="http://unused", workers=1)
+
+        def score(self, meta_info, question, reference, prediction):
+            return ChatScore([by_source[prediction]] * 2, [9, 9], 0)
+
+    sources = ["speech_QA"] * 3 + list(by_source)[1:]
+    records = [{"id": str(i), "source": s, "question": "q", "reference": "r", "prediction": s}
+               for i, s in enumerate(sources)]
+    res = score_chat(records, FixedJudge())
+    cats = res["metrics"]["categories"]
+    assert cats["mixed"] == 5 and cats["average"] == pytest.approx((8 + 6 + 5 + 5) / 4)
+    assert res["metrics"]["score"] == pytest.approx((8 * 3 + 6 + 5 + 4 + 6) / 7)  # pooled: speech counts 3 times
+    row = next(r for r in report.table_rows({"chat": res}) if r["source"] == "airbench_average")
+    assert (row["ours"], row["paper"]) == (pytest.approx(6.0), 6.93)
+    # Without all four categories there is no average to compare.
+    partial = score_chat([r for r in records if r["source"] != "music_QA"], FixedJudge())
+    assert "average" not in partial["metrics"]["categories"]

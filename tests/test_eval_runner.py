@@ -97,6 +97,41 @@ def test_a_bad_item_does_not_sink_its_batch(tmp_path):
     assert records[0]["prediction"] == "word number 0" and "error" not in records[0]
 
 
+def test_failed_items_are_skipped_and_counted_not_scored():
+    """An item whose generation failed has no prediction: scoring its empty text would count every
+    reference word as deleted (or ask the judge about an empty answer). It is left out and counted."""
+    from lalm.eval import report
+    from lalm.eval.judge import ChatScore, JudgeConfig
+
+    recs = [{"id": "1", "task": "asr", "source": "a", "lang": "en", "prediction": "hello world",
+             "reference": "hello world"},
+            {"id": "2", "task": "asr", "source": "a", "lang": "en", "prediction": "", "reference": "good morning",
+             "error": "x.flac: cannot decode"},
+            {"id": "3", "task": "asr", "source": "b", "lang": "en", "prediction": "", "reference": "one two",
+             "error": "y.flac: cannot decode"},
+            {"id": "4", "task": "ser", "source": "meld_test", "prediction": "", "reference": "joy", "error": "bad"}]
+    res = score_records(recs)
+    assert res["asr"]["metrics"] == {"wer": 0.0, "count": 1, "skipped": 2}
+    assert res["asr"]["by_source"] == {"a": {"wer": 0.0, "count": 1, "skipped": 1}, "b": {"count": 0, "skipped": 1}}
+    assert res["ser"]["metrics"] == {"count": 0, "skipped": 1}  # nothing left to score: no accuracy of 0
+    assert "| a | 1 (1 skipped) | WER % | 0.00 |" in report.markdown(res)
+
+    class CountingJudge:  # what score_chat needs of a Judge; records what it is asked
+        config, asked = JudgeConfig(url="http://unused", workers=1), []
+
+        def score(self, meta_info, question, reference, prediction):
+            self.asked.append(prediction)
+            return ChatScore([7, 7], [8, 8], 0)
+
+    chat = [{"id": "1", "task": "chat", "source": "sound_QA", "question": "q", "reference": "r", "prediction": "ok"},
+            {"id": "2", "task": "chat", "source": "sound_QA", "question": "q", "reference": "r", "prediction": "",
+             "error": "bad"}]
+    judge = CountingJudge()
+    res = score_records(chat, judge=judge)["chat"]
+    assert judge.asked == ["ok"]  # the failed item was never sent to the judge
+    assert res["by_source"]["sound_QA"]["skipped"] == 1 and res["metrics"]["skipped"] == 1
+
+
 def test_score_command_prints_json(tmp_path, capsys):
     pred = tmp_path / "p.jsonl"
     rows = [{"id": "1", "source": "librispeech_test_clean", "lang": "en", "prediction": "hello world",

@@ -10,6 +10,8 @@ official eval jsonl ({"audio","prompt","gt","source"}), a lalm eval manifest, or
 manifests (e.g. the corpus's DIR/eval: every set there is evaluated, one report for all).
 Predictions go to OUTPUT/predictions.jsonl (restartable: done ids are skipped), the report to
 OUTPUT/report.{md,json,png}: per source, and per subset where the eval lines name one. Under torchrun each rank takes a shard; rank 0 merges and scores.
+An item whose generation failed (unreadable audio...) keeps its error in the predictions file and is
+counted as skipped in the report, never scored as an empty answer.
 
 Metrics: asr -> WER (official normaliser chain; characters for zh/yue), s2tt -> corpus BLEU,
 ser/vsc -> exact-match accuracy (official) and lenient accuracy, chat -> AIR-Bench judge score

@@ -15,7 +15,7 @@ requests at temperature 2.0 at random; here the temperature is one setting (defa
 
 Categories: speech = speech_QA + speech_dialogue_QA; sound = sound_QA + sound_generation_QA;
 music = music_QA + music_generation_analysis_QA; mixed = mean of speech_and_sound and
-speech_and_music.
+speech_and_music; average (the leaderboard's) = mean of speech, sound, music and mixed.
 """
 
 from __future__ import annotations
@@ -117,7 +117,10 @@ class Judge:
         req = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
         with urllib.request.urlopen(req, timeout=self.config.timeout_s) as resp:
             data = json.loads(resp.read().decode("utf-8"))
-        return data["choices"][0]["message"]["content"]
+        content = data["choices"][0]["message"]["content"]
+        if not isinstance(content, str):  # the API allows null content (a refusal, a filtered reply)
+            raise TypeError(f"judge reply without text: {content!r}")
+        return content
 
     def rate(self, meta_info: str, question: str, answer_1: str, answer_2: str) -> tuple[int, int] | None:
         """Scores for (Assistant 1, Assistant 2), or None when every try failed."""
@@ -178,5 +181,10 @@ def score_chat(records: list[dict], judge: Judge) -> dict:
     mixed = [categories[k] for k in ("speech_and_sound", "speech_and_music") if categories.get(k) is not None]
     if mixed:
         categories["mixed"] = sum(mixed) / len(mixed)
+    # AIR-Bench's leaderboard "Average" is the mean of the four category scores (Qwen2-Audio's 6.93 =
+    # mean of 7.18, 6.99, 6.79, 6.77), not metrics["score"], which weighs every answer alike.
+    four = [categories.get(k) for k in ("speech", "sound", "music", "mixed")]
+    if all(v is not None for v in four):
+        categories["average"] = sum(four) / 4
     metrics["categories"] = categories
     return {"metrics": metrics, "by_source": {k: summary(v) for k, v in sorted(by_source.items())}}

@@ -9,7 +9,10 @@ The official ASR chain, per (reference, hypothesis) pair (spec section 6):
      anything else -> BasicTextNormalizer;
   3. fairseq's `EvaluationTokenizer(tokenizer_type="none", lowercase=True,
      punctuation_removal=True)`: split on single spaces, drop tokens made only of Unicode-P
-     characters, lowercase; then `.split()`;
+     characters, lowercase; then `.split()`. (The official copy, Qwen-Audio's
+     evaluate_tokenizer.py, runs sacrebleu's 13a tokenizer first whatever tokenizer_type says;
+     13a only splits ASCII punctuation, none of which survives step 2, so it only collapses
+     whitespace, as `.split()` does: left out, and checked equal on random text);
   4. `zh` and `yue` are scored per character (tokens joined, then split into characters).
 
 The Whisper normalisers come from the `whisper-normalizer` package, as the official script

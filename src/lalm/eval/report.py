@@ -41,6 +41,8 @@ PAPER_TABLE2: dict[str, tuple[str, str, float, float]] = {
     "airbench_sound": ("AIR-Bench chat Sound", "score", 6.99, 6.83),
     "airbench_music": ("AIR-Bench chat Music", "score", 6.79, 6.73),
     "airbench_mixed": ("AIR-Bench chat Mixed", "score", 6.77, 6.42),
+    # The AIR-Bench leaderboard's average (6.93); HF-converted: the mean of the four rows above.
+    "airbench_average": ("AIR-Bench chat Average", "score", 6.93, 6.805),
 }
 
 _UNITS = {"wer": "WER %", "bleu": "BLEU", "accuracy": "ACC", "score": "GPT score"}
@@ -69,6 +71,8 @@ def table_rows(results: dict[str, dict]) -> list[dict]:
                    "label": paper[0] if paper else source}
             if "accuracy_lenient" in vals:
                 row["ours_lenient"] = _num(vals["accuracy_lenient"])
+            if vals.get("skipped"):
+                row["skipped"] = vals["skipped"]
             rows.append(row)
     return rows
 
@@ -90,7 +94,9 @@ def markdown(results: dict[str, dict], title: str = "lalm eval") -> str:
                   "| source | n | metric | ours | lenient | paper | HF-converted |",
                   "|---|---:|---|---:|---:|---:|---:|"]
         for r in (r for r in rows if r["task"] == task):
-            lines.append(f"| {r['label']} | {r['count'] if r['count'] is not None else '-'} | {r['metric']} | "
+            n = r["count"] if r["count"] is not None else "-"
+            n = f"{n} ({r['skipped']} skipped)" if r.get("skipped") else n  # failed items: not scored
+            lines.append(f"| {r['label']} | {n} | {r['metric']} | "
                          f"{_fmt(r['ours'], r['metric'])} | {_fmt(r.get('ours_lenient'), r['metric'])} | "
                          f"{_fmt(r['paper'], r['metric'])} | {_fmt(r['hf_converted'], r['metric'])} |")
         lines.append("")

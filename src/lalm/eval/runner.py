@@ -187,7 +187,11 @@ def _merge(path: Path, items: list[EvalItem], world: int) -> None:
 def score_records(records: list[dict], task: str = "auto", judge=None) -> dict[str, dict]:
     """{task: {"metrics", "by_source"[, "by_subset"]}}; with task "auto", records group by their
     "task" field. Records with a "subset" (lalm's eval manifests: the kind of sentence or question)
-    are also scored per (source, subset): by_subset = {source: {subset: metrics}}."""
+    are also scored per (source, subset): by_subset = {source: {subset: metrics}}.
+
+    A record whose generation failed (it has an "error": unreadable audio, too long a prompt) has
+    no prediction to score: it is left out of every score and counted as "skipped", overall and
+    per source (AIR-Bench's score_chat.py likewise skips a row that has no response)."""
     groups: dict[str, list[dict]] = {}
     for r in records:
         for key in ("prediction", "reference"):
@@ -197,22 +201,37 @@ def score_records(records: list[dict], task: str = "auto", judge=None) -> dict[s
         groups.setdefault(t, []).append(r)
     results = {}
     for t, group in sorted(groups.items()):
-        if t in metrics.CHAT_TASKS:
-            if judge is None:
-                results[t] = {"metrics": {"count": len(group), "note": "not scored: no --judge-url"},
-                              "by_source": {}}
-                continue
-            from lalm.eval.judge import score_chat
-
-            results[t] = score_chat(group, judge)
-        else:
-            results[t] = metrics.scorer_for(t)(group)
-            subsets: dict[str, dict[str, list[dict]]] = {}
-            for r in group:
-                if r.get("subset"):
-                    subsets.setdefault(str(r.get("source", "")), {}).setdefault(str(r["subset"]), []).append(r)
-            if subsets:
-                results[t]["by_subset"] = {
-                    src: {name: metrics.scorer_for(t)(recs)["metrics"] for name, recs in sorted(by.items())}
-                    for src, by in sorted(subsets.items())}
+        results[t] = _score_group(t, [r for r in group if not r.get("error")], judge)
+        _count_skipped(results[t], [r for r in group if r.get("error")])
     return results
+
+
+def _score_group(t: str, group: list[dict], judge) -> dict:
+    if not group:  # every item of the task failed: nothing to score
+        return {"metrics": {"count": 0}, "by_source": {}}
+    if t in metrics.CHAT_TASKS:
+        if judge is None:
+            return {"metrics": {"count": len(group), "note": "not scored: no --judge-url"}, "by_source": {}}
+        from lalm.eval.judge import score_chat
+
+        return score_chat(group, judge)
+    result = metrics.scorer_for(t)(group)
+    subsets: dict[str, dict[str, list[dict]]] = {}
+    for r in group:
+        if r.get("subset"):
+            subsets.setdefault(str(r.get("source", "")), {}).setdefault(str(r["subset"]), []).append(r)
+    if subsets:
+        result["by_subset"] = {
+            src: {name: metrics.scorer_for(t)(recs)["metrics"] for name, recs in sorted(by.items())}
+            for src, by in sorted(subsets.items())}
+    return result
+
+
+def _count_skipped(result: dict, failed: list[dict]) -> None:
+    """"skipped" counts beside "count", only where there are some (a clean run reads as before)."""
+    if not failed:
+        return
+    result["metrics"]["skipped"] = len(failed)
+    for r in failed:
+        entry = result["by_source"].setdefault(str(r.get("source", "")), {"count": 0})
+        entry["skipped"] = entry.get("skipped", 0) + 1
