@@ -7,6 +7,7 @@ LoRA, and a trained checkpoint read by transformers with the same logits.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -111,6 +112,41 @@ def test_bad_manifest_lines_are_skipped_and_counted(tmp_path, capsys):
     assert result.skipped == 5
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["skipped_records"] == 5 and "mixed.jsonl:9" in summary["skipped_first"]
+
+
+def _corrupt_flac(folder) -> str:
+    """A FLAC whose header reads (sf.info: 1 s) but whose body does not decode: it passes the
+    manifest's header check and fails only when a step, an eval or the DPO reference loads it."""
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(folder / "corrupt.flac", (0.3 * np.sin(np.arange(16000) * 0.1)).astype(np.float32), 16000)
+    body = bytearray((folder / "corrupt.flac").read_bytes())
+    body[200:] = bytes((7 * i) % 256 for i in range(200, len(body)))
+    (folder / "corrupt.flac").write_bytes(body)
+    return "corrupt.flac"
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_record_failing_only_when_decoded_is_skipped_in_steps_eval_and_reference(tmp_path, stage):
+    """Such a record used to crash the DPO reference pass and every evaluation, and a rank whose
+    whole batch failed crashed the step; now it is left out of every loss and metric, and counted
+    once however many epochs meet it."""
+    make = asr_record if stage == "sft" else dpo_record
+    bad = make(tmp_path, 5)
+    bad["messages"][0]["content"][0]["audio"] = _corrupt_flac(tmp_path)
+    data = write_manifest(tmp_path / "m.jsonl", [make(tmp_path, k) for k in range(4)] + [bad])
+    with pytest.warns(UserWarning, match="skipped 1 record.*corrupt.flac"):
+        result = train(config(stage, data, tmp_path / "out", "max_steps=10", "batch_size=1", f"eval_data={data}",
+                              "eval_every=5"))  # 2 epochs of 5 one-record batches
+    assert result.skipped == 1
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["skipped_eval_records"] == 1
+    rows = read_metrics(tmp_path / "out")
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 11))
+    assert all(math.isfinite(v) for r in rows for v in r.values())
+    assert sorted(r["tokens"] for r in rows if "tokens" in r)[:2] == [0, 0]  # the bad record's two steps
+    if stage == "dpo":  # at step 0 the policy is the reference: every scored pair's margin is 0
+        assert rows[0]["step"] == 0 and rows[0]["eval_reward_margin"] == pytest.approx(0, abs=1e-4)
 
 
 def test_lora_run_saves_merged_weights(tmp_path):

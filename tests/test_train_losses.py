@@ -196,6 +196,52 @@ def test_pretrain_line_in_chat_format_renders_as_sft(multi_turn, tmp_path):
         assert len(TrainData(str(path), "sft", tok, 80)) == 2  # chat and no format; raw and html skipped
 
 
+def test_dpo_pair_is_length_filtered_by_its_longer_sequence(tmp_path):
+    """A pair is two sequences, prompt + chosen and prompt + rejected: the longer one must fit
+    max_length, not the prompt plus both answers (which skipped pairs that fit as "over max_length")."""
+    from train_corpus import dpo_record, write_manifest
+
+    from lalm.tokenizer import train_bpe
+    from lalm.train.data import TrainData
+
+    tok = train_bpe([], 262)
+    rec = {**dpo_record(tmp_path, 0), "chosen": "a" * 150, "rejected": "b" * 120}
+    path = str(write_manifest(tmp_path / "pairs.jsonl", [rec]))
+    data = TrainData(path, "dpo", tok, 80)
+    longest = max(len(e) for e in data.examples(0))
+    assert data.lengths == [longest]
+    assert len(TrainData(path, "dpo", tok, 80, max_length=longest)) == 1  # it fits: kept
+    with pytest.warns(UserWarning, match="over max_length"):
+        assert len(TrainData(path, "dpo", tok, 80, max_length=longest - 1)) == 0
+
+
+def test_length_filter_counts_every_30_s_window_of_long_audio(tmp_path):
+    """A 70 s clip is ~1750 audio tokens (windows of <= 30 s, each encoded): the header estimate
+    must not stop at one window's 750, or over-long examples pass the filter. A clip too short
+    for one audio token is a bad record when the manifest is read."""
+    import numpy as np
+    import soundfile as sf
+    from train_corpus import asr_record, write_manifest
+
+    from lalm.tokenizer import train_bpe
+    from lalm.train.data import TrainData
+
+    tok = train_bpe([], 262)
+    sf.write(tmp_path / "long.wav", 0.1 * np.random.default_rng(0).standard_normal(70 * 16000), 16000)
+    sf.write(tmp_path / "blip.wav", np.zeros(100, dtype=np.float32), 16000)
+    long, blip = asr_record(tmp_path, 0), asr_record(tmp_path, 1)
+    long["messages"][0]["content"][0]["audio"] = "long.wav"
+    blip["messages"][0]["content"][0]["audio"] = "blip.wav"
+    path = str(write_manifest(tmp_path / "m.jsonl", [long]))
+    data = TrainData(path, "sft", tok, 80)
+    actual = len(data.examples(0)[0])
+    assert abs(data.lengths[0] - actual) <= 3  # off by at most a token per window
+    with pytest.warns(UserWarning, match="over max_length"):
+        assert len(TrainData(path, "sft", tok, 80, max_length=actual - 20)) == 0
+    with pytest.warns(UserWarning, match="too short"):
+        assert len(TrainData(str(write_manifest(tmp_path / "b.jsonl", [blip])), "sft", tok, 80)) == 0
+
+
 # --- config ----------------------------------------------------------------------------------------
 
 
@@ -208,6 +254,13 @@ def test_unknown_config_key_is_named(tmp_path):
         TrainConfig().apply_overrides(["--warmup=3"])
     with pytest.raises(ConfigError, match="max_steps"):
         TrainConfig().apply_overrides(["--max-steps=many"])
+
+
+def test_counts_and_lengths_below_one_are_config_errors():
+    # log_every=0 used to pass validation and then divide by zero after the first step
+    for key in ("log_every", "max_length"):
+        with pytest.raises(ConfigError, match=key):
+            TrainConfig(**{key: 0}).validate()
 
 
 def test_overrides_are_typed():

@@ -139,6 +139,36 @@ def test_torchrun_two_processes_fsdp_equals_one_process(reference, tmp_path):
     assert rows[-1]["loss"] < rows[0]["loss"]
 
 
+@pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp"])
+def test_torchrun_text_only_and_audio_records_mixed_equal_one_process(tmp_path, fsdp):
+    """A rank whose micro-batch held only text-only lines skipped the encoder while another ran it:
+    the gradient average (data-parallel) or FSDP's gathers then mismatched and the run died. Here
+    length grouping puts the audio lines on rank 0 and the text-only ones on rank 1."""
+    from train_corpus import WORDS, asr_record, write_manifest
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    text = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
+            for w in WORDS[:4]]
+    data = write_manifest(tmp_path / "mixed.jsonl", [r for k in range(4) for r in (asr_record(tmp_path, k), text[k])])
+    out = tmp_path / "two"
+    extra = ["--micro-batch-size", "2", "--eval-data", str(data), "--eval-every", "2"] + (["--fsdp"] if fsdp else [])
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "lalm", "train",
+           *args(data, out, "--batch-size", "8", *extra), "--max-steps", "4", "--save-every", "0"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    cfg = config(data, tmp_path / "one")
+    cfg.max_steps, cfg.save_every, cfg.micro_batch_size, cfg.eval_data, cfg.eval_every = 4, 0, 2, str(data), 2
+    train(cfg)
+    two, one = read_metrics(out), read_metrics(tmp_path / "one")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1, 2, 3, 4]
+    for a, b in zip(two, one):
+        for key in ("loss", "eval_loss"):
+            if key in b:
+                assert abs(a[key] - b[key]) <= 1e-4 * b[key], (key, a, b)
+
+
 def test_dpo_with_lora_resumes_exactly(tmp_path):
     """Resume reloads the cached reference log-probs and the unmerged LoRA tensors."""
     from train_corpus import dpo_record, write_manifest

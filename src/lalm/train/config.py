@@ -101,7 +101,7 @@ class TrainConfig:
                 raise ConfigError(f"freeze: {c!r} is not one of {', '.join(COMPONENTS)}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision: {self.precision!r} is not auto, fp32 or bf16")
-        for name in ("max_steps", "batch_size"):
+        for name in ("max_steps", "batch_size", "log_every", "max_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.micro_batch_size < 0 or self.save_every < 0 or self.warmup_steps < 0:

@@ -16,8 +16,11 @@ at (epoch, batch) therefore replays exactly what an uninterrupted run would have
 incomplete batch of an epoch is dropped so every step sees exactly `batch_size` items.
 
 Bad records (malformed line, missing or unreadable audio, over-long) are skipped and counted;
-the trainer reports the count at the end. Augmentation (gain, speed, noise) draws from a
-generator seeded by (seed, epoch, index), so it too is replayed exactly on resume.
+the trainer reports the count at the end. The manifest is checked from the audio headers; a
+record that still fails when decoded is skipped where it is met (`try_examples`), counted once,
+a stand-in with no loss taking its place in the forward (`with_stand_ins`). Augmentation (gain,
+speed, noise) draws from a generator seeded by (seed, epoch, index), so it too is replayed
+exactly on resume.
 
 With a frozen encoder the audio may come from a `FeatureCache` instead (cfg.feature_cache):
 examples then carry the cached encoder rows (`Example.audio_rows`, audio token counts from the
@@ -106,10 +109,12 @@ class TrainData:
         self.feature_augment = feature_augment or {}
         self._rendered: dict[int, tuple[list, list[Example]]] = {}  # cached path: (audio sources, examples)
         self.skipped = Skipped()
+        self._failed: set[int] = set()  # records that failed in try_examples, counted in skipped
         manifest = read_manifest(path, warn=False)
         for line, message in manifest.problems:
             self.skipped.add(f"{path}:{line}", message)
         self.records, self.lengths = [], []
+        self._audio_stand_in: list = []  # [(index, examples) or None] once searched
         for k, rec in enumerate(manifest):
             where = f"{path}: record {rec.get('id', k + 1)}"
             try:
@@ -150,14 +155,25 @@ class TrainData:
                 counts.append(self.features.tokens(src))
                 continue
             info = sf.info(src)
-            seconds = info.frames / info.samplerate
-            counts.append(max(1, A.num_audio_tokens(A.num_frames(math.ceil(seconds * A.SAMPLE_RATE)))))
-        answer = rec.get("chosen", "") + rec.get("rejected", "")
-        n = len(chat.render(msgs, self.tokenizer, counts, add_generation_prompt=False).ids)
-        n += len(self.tokenizer.encode(answer)) + 4
-        if self.max_length and n > self.max_length + 8:
+            counts.append(audio_tokens_estimate(math.ceil(info.frames / info.samplerate * A.SAMPLE_RATE)))
+            if counts[-1] == 0:
+                raise LalmError(f"{where}: {src} is too short to give one audio token (needs over 0.02 s)")
+        # The rendering examples() does, with the audio token counts from the headers: the
+        # longest sequence of the record (DPO: prompt + chosen or prompt + rejected) must fit.
+        n = max(len(ids) for ids in self._render_ids(rec, counts))
+        if self.max_length and n > self.max_length:
             raise LalmError(f"{where}: about {n} tokens, over max_length={self.max_length}")
         return n
+
+    def _render_ids(self, rec: dict, counts: list[int]) -> list[list[int]]:
+        msgs, tok = rec["messages"], self.tokenizer
+        if self.stage == "pretrain" and rec.get("format", "raw") == "raw":
+            prompt, audios, target = raw_prompt(msgs)
+            return [chat.render_raw(prompt, tok, counts[:len(audios)], target=target).ids]
+        if self.stage != "dpo":
+            return [chat.render(msgs, tok, counts, add_generation_prompt=False).ids]
+        return [chat.render(msgs + [{"role": "assistant", "content": rec[key]}], tok, counts,
+                            add_generation_prompt=False).ids for key in ("chosen", "rejected")]
 
     def _audio(self, src, index: int, epoch: int, k: int):
         """Load one audio, augmented when configured (never for DPO: the reference saw it clean)."""
@@ -174,6 +190,36 @@ class TrainData:
             return x
         seed = int(np.random.default_rng([self.seed, epoch, index, k]).integers(2**62))
         return augment_rows(x, torch.Generator().manual_seed(seed), **self.feature_augment)
+
+    def try_examples(self, index: int, epoch: int = 0) -> list[Example] | None:
+        """examples(), or None for a record that fails only when decoded (audio corrupt past its
+        header, a little longer than the header estimate): counted once, however often it is met.
+        It is tried again each time (augmentation can change its length), so what a step sees
+        stays a function of (seed, epoch, step) and a resumed run replays it."""
+        try:
+            return self.examples(index, epoch)
+        except LalmError as e:
+            if index not in self._failed:
+                self._failed.add(index)
+                self.skipped.add(f"{self.path}: record {self.records[index].get('id', index + 1)}", str(e))
+            return None
+
+    def stand_in(self, epoch: int = 0) -> list[Example]:
+        """Some record's examples, to run a forward whose result is discarded (see with_stand_ins)."""
+        for i in range(len(self.records)):
+            found = self.try_examples(i, epoch)
+            if found is not None:
+                return found
+        raise LalmError(f"{self.path}: no record can be read ({self.skipped.summary()})")
+
+    def audio_stand_in(self) -> tuple[int, list[Example]] | None:
+        """(index, examples) of the shortest record with audio that loads; None if none has audio.
+        Kept: it only ever runs as a stand-in, so its augmentation does not matter."""
+        if not self._audio_stand_in:
+            with_audio = [i for i, rec in enumerate(self.records) if chat.audios(chat.validate(rec["messages"]))]
+            loaded = ((i, self.try_examples(i)) for i in sorted(with_audio, key=lambda i: self.lengths[i]))
+            self._audio_stand_in = [next(((i, ex) for i, ex in loaded if ex is not None), None)]
+        return self._audio_stand_in[0]
 
     def examples(self, index: int, epoch: int = 0) -> list[Example]:
         """The example(s) of record `index`: one, or (chosen, rejected) for DPO."""
@@ -256,6 +302,34 @@ class TrainData:
 
     def batches_per_epoch(self, batch_size: int) -> int:
         return len(self.records) // batch_size
+
+
+def audio_tokens_estimate(n_samples: int) -> int:
+    """Audio tokens of a clip of n_samples at 16 kHz, from its length alone: exact up to 30 s;
+    a longer clip is encoded in windows of <= 30 s (cut at low energy, so their lengths are
+    unknown before decoding), ~25 tokens/s in all, give or take a token per window."""
+    return A.num_audio_tokens(-(-n_samples // A.HOP_LENGTH))
+
+
+def with_stand_ins(data: TrainData, indices: list[int], epoch: int = 0) -> tuple[list[list[Example]], list[bool]]:
+    """The examples of each index, a failing record (or a padding index -1) replaced by a stand-in
+    and flagged False. Every slot runs a forward: under FSDP each rank must run as many as the
+    others, and a micro-batch is never empty. A stand-in's loss and metrics are discarded."""
+    got = [data.try_examples(i, epoch) if i >= 0 else None for i in indices]
+    ok = [g is not None for g in got]
+    if not all(ok):
+        spare = next((g for g in got if g is not None), None) or data.stand_in(epoch)
+        got = [g if g is not None else spare for g in got]
+    return got, ok
+
+
+def with_audio(data: TrainData, got: list[list[Example]], ok: list[bool]) -> tuple[list[list[Example]], list[bool]]:
+    """got, ok (as from with_stand_ins) plus, when none of them has audio, a stand-in record that
+    has (flagged False). Under torchrun the ranks must all run the encoder and projector when one
+    does (FSDP's gathers, the gradient average): a text-only micro-batch would desynchronise them."""
+    if any(e.audio_tokens for ex in got for e in ex) or data.audio_stand_in() is None:
+        return got, ok
+    return got + [data.audio_stand_in()[1]], ok + [False]
 
 
 def rank_slice(batch: list[int], rank: int, world: int) -> list[int]:

@@ -34,11 +34,11 @@ import torch
 import yaml
 
 from lalm.data.manifest import audio_paths, read_manifest
-from lalm.errors import ConfigError, LalmError
+from lalm.errors import ConfigError
 from lalm.processor import Batch, collate
 from lalm.train import build, checkpoint, distributed, dpo_ref, losses
 from lalm.train.config import TrainConfig
-from lalm.train.data import TrainData, micro_batches, rank_slice
+from lalm.train.data import TrainData, micro_batches, rank_slice, with_audio, with_stand_ins
 from lalm.train.encoder_cache import FeatureCache
 from lalm.train.metrics import MetricsWriter, plot_losses
 from lalm.train.muon import MuonAdamW
@@ -238,12 +238,22 @@ class Trainer:
         return chosen, rejected
 
     def _pair_logps(self, data: TrainData, indices: list[int], epoch: int = 0) -> torch.Tensor:
-        """log P(answer | prompt) for [chosen_0, rejected_0, chosen_1, ...] of the given records."""
-        examples = [e for i in indices for e in data.examples(i, epoch)]
+        """log P(answer | prompt) for [chosen_0, rejected_0, chosen_1, ...] of the given records;
+        NaN for a padding index (-1) or a record that cannot be read (so its reference is NaN)."""
+        got, ok = self._load(data, indices, epoch)
+        examples = [e for ex in got for e in ex]
         batch = collate(examples, self.tokenizer.pad_id).to(self.d.device)
         with self._autocast():
             logits, targets, seq = _forward_rows(self.model, batch)
-        return losses.rows_sequence_logps(logits, targets, seq, len(examples))
+        logps = losses.rows_sequence_logps(logits, targets, seq, len(examples))
+        logps = torch.where(torch.tensor(ok, device=logps.device).repeat_interleave(2), logps, math.nan)
+        return logps[: 2 * len(indices)]
+
+    def _load(self, data: TrainData, indices: list[int], epoch: int = 0):
+        """with_stand_ins; under FSDP also with_audio (a forward gathers the shards of the modules
+        it runs, so every rank must run the same ones). (examples of each, ok) as with_stand_ins."""
+        got, ok = with_stand_ins(data, indices, epoch)
+        return with_audio(data, got, ok) if self.use_fsdp else (got, ok)
 
     def _autocast(self):
         if self.bf16:
@@ -252,49 +262,53 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------------
 
-    def _rank_examples(self, indices: list[int], epoch: int) -> list[tuple[int, list]]:
-        out = []
-        for i in indices:
-            try:
-                out.append((i, self.data.examples(i, epoch)))
-            except LalmError as e:  # e.g. audio unreadable past its header: skip, counted
-                self.data.skipped.add(f"record {i}", str(e))
-        return out
-
     def train_step(self, step: int) -> dict:
         cfg, d = self.cfg, self.d
         epoch, b = divmod(step, self.batches_per_epoch)
         if getattr(self, "_epoch", None) != epoch:
             self._epoch, self._batches = epoch, self.data.epoch_batches(epoch, cfg.batch_size, cfg.length_grouping)
-        mine = self._rank_examples(rank_slice(self._batches[b], d.rank, d.world), epoch)
+        indices = rank_slice(self._batches[b], d.rank, d.world)
+        # (index, examples, ok): a record that fails to load runs as a stand-in with no loss (ok False)
+        mine = list(zip(indices, *with_stand_ins(self.data, indices, epoch)))
         micro = micro_batches(mine, cfg.micro_batch_size)
         dpo = cfg.stage == "dpo"
         # Denominator of the global-batch mean: target tokens (CE) or pairs (DPO), over all ranks.
-        local = len(mine) if dpo else sum(int(e.loss_mask[1:].sum()) for _, ex in mine for e in ex)
-        tokens_local = sum(len(e) for _, ex in mine for e in ex)
-        denom, tokens = distributed.all_sum(d, [local, tokens_local])
+        local = sum(ok for *_, ok in mine) if dpo else sum(
+            int(e.loss_mask[1:].sum()) for _, ex, ok in mine if ok for e in ex)
+        tokens_local = sum(len(e) for _, ex, ok in mine if ok for e in ex)
+        audio_local = sum(e.audio_tokens > 0 for _, ex, _ in mine for e in ex)
+        denom, tokens, audio = distributed.all_sum(d, [local, tokens_local, audio_local])
+        # When any rank runs the encoder, every micro-batch of every rank must (see data.with_audio).
+        spare = self.data.audio_stand_in() if d.active and audio else None
         scale = d.world / max(denom, 1.0)
         sums = {"loss": 0.0, "margin": 0.0, "acc": 0.0, "chosen": 0.0, "rejected": 0.0}
         for k, part in enumerate(micro):
             if self.use_fsdp:  # reduce-scatter gradients once per step, not once per micro-batch
                 self.model.set_requires_gradient_sync(k == len(micro) - 1)
-            examples = [e for _, ex in part for e in ex]
+            if spare is not None and not any(e.audio_tokens for _, ex, _ in part for e in ex):
+                part = part + [(*spare, False)]
+            examples = [e for _, ex, _ in part for e in ex]
             batch = collate(examples, self.tokenizer.pad_id).to(d.device)
             with self._autocast():
                 logits, targets, seq = _forward_rows(self.model, batch)
+            keep = torch.tensor([ok for _, ex, ok in part for _ in ex], device=logits.device)  # per sequence
             if dpo:
                 logps = losses.rows_sequence_logps(logits, targets, seq, len(examples))
-                idx = torch.tensor([i for i, _ in part])
+                idx = torch.tensor([i for i, _, _ in part])
                 n_tokens = torch.bincount(seq, minlength=len(examples))  # (2P,) target tokens per sequence
-                out = losses.dpo_loss(logps[0::2], logps[1::2], self.ref[0][idx].to(logps),
-                                      self.ref[1][idx].to(logps), cfg.beta, cfg.rpo_alpha, n_tokens[0::2])
-                total = out.losses.sum()
-                sums["margin"] += float(out.margins.sum())
-                sums["acc"] += float((out.margins > 0).sum())
-                sums["chosen"] += float(out.chosen_rewards.sum())
-                sums["rejected"] += float(out.rejected_rewards.sum())
+                keep = keep[0::2]
+                # A stand-in's reference is NaN: zeroed, or 0 x NaN would reach the gradients.
+                ref = [torch.where(keep, r[idx].to(logps), 0.0) for r in self.ref]
+                out = losses.dpo_loss(logps[0::2], logps[1::2], ref[0], ref[1], cfg.beta, cfg.rpo_alpha,
+                                      n_tokens[0::2])
+                total = out.losses[keep].sum()
+                sums["margin"] += float(out.margins[keep].sum())
+                sums["acc"] += float((out.margins[keep] > 0).sum())
+                sums["chosen"] += float(out.chosen_rewards[keep].sum())
+                sums["rejected"] += float(out.rejected_rewards[keep].sum())
             else:
-                total = losses.rows_ce_sum(logits, targets)
+                rows = keep[seq]
+                total = losses.rows_ce_sum(logits[rows], targets[rows])
             (total * scale).backward()
             sums["loss"] += float(total.detach())
         if not self.use_fsdp:
@@ -305,15 +319,17 @@ class Trainer:
         lr = lr_at(cfg, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        if denom:  # a batch of records that all failed to load holds no data: no update
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         keys = list(sums)
         totals = dict(zip(keys, distributed.all_sum(d, [sums[k] for k in keys])))
-        row = {"step": step + 1, "loss": totals["loss"] / max(denom, 1.0), "lr": lr,
+        n = max(denom, 1.0)  # 0 when every record of the batch failed to load
+        row = {"step": step + 1, "loss": totals["loss"] / n, "lr": lr,
                "grad_norm": float(grad_norm), "tokens": int(tokens), "epoch": epoch}
         if dpo:
-            row.update(reward_margin=totals["margin"] / denom, accuracy=totals["acc"] / denom,
-                       chosen_reward=totals["chosen"] / denom, rejected_reward=totals["rejected"] / denom)
+            row.update(reward_margin=totals["margin"] / n, accuracy=totals["acc"] / n,
+                       chosen_reward=totals["chosen"] / n, rejected_reward=totals["rejected"] / n)
         return row
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -332,24 +348,23 @@ class Trainer:
         s = [0.0, 0.0, 0.0, 0.0]  # loss sum (or margin sum), count, accuracy count, prefers-chosen count
         for start in range(0, per_rank, micro):
             idx = mine[start: start + micro]
-            real = [max(i, 0) for i in idx]
             if cfg.stage == "dpo":
-                logps = self._pair_logps(data, real)
+                logps = self._pair_logps(data, idx)
                 for j, i in enumerate(idx):
-                    if i < 0:
-                        continue
                     margin = cfg.beta * float((logps[2 * j] - ref[0][i]) - (logps[2 * j + 1] - ref[1][i]))
+                    if math.isnan(margin):  # padding, or a record that cannot be read
+                        continue
                     s[0] += margin
                     s[1] += 1
                     s[2] += margin > 0
                     s[3] += bool(logps[2 * j] > logps[2 * j + 1])
             else:
-                examples = [data.examples(i)[0] for i in real]
-                batch = collate(examples, self.tokenizer.pad_id).to(d.device)
+                got, ok = self._load(data, idx)  # padding (-1), unreadable records, stand-ins: ok False
+                batch = collate([ex[0] for ex in got], self.tokenizer.pad_id).to(d.device)
                 with self._autocast():
                     logits, targets, seq = _forward_rows(self.model, batch)
                 ce = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
-                keep = torch.tensor([i >= 0 for i in idx], device=ce.device)[seq]
+                keep = torch.tensor(ok, device=ce.device)[seq]
                 s[0] += float(ce[keep].sum())
                 s[1] += float(keep.sum())
         self.model.train()
@@ -451,7 +466,8 @@ class Trainer:
         if d.main:
             plot_losses(self.out, title=f"lalm train --stage {cfg.stage}")
             summary = {"steps": cfg.max_steps, "final": str(final), "skipped_records": skipped,
-                       "skipped_first": self.data.skipped.items[0][1] if skipped else None, "last": last}
+                       "skipped_first": self.data.skipped.items[0][1] if skipped else None, "last": last,
+                       "skipped_eval_records": len(self.eval_data.skipped) if self.eval_data else 0}
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
             if skipped:
                 warnings.warn(f"{cfg.data}: {self.data.skipped.summary()}", stacklevel=2)
