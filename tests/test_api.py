@@ -126,3 +126,15 @@ def test_prompt_longer_than_context(tiny):
         tiny.logits([{"role": "user", "content": " the" * (n + 1)}])
     with pytest.raises(ContextLengthError):
         list(tiny.stream([{"role": "user", "content": " the" * (n + 1)}]))
+
+
+def test_a_bare_message_is_refused_not_read_as_raw_prompts(tiny):
+    """A message dict passed without its list used to be iterated: its keys "role" and "content"
+    became two raw base-model prompts and two answers came back."""
+    message = {"role": "user", "content": "hi"}
+    with pytest.raises(ChatFormatError, match="must be a list of messages, got dict"):
+        tiny.generate(message, max_new_tokens=2)
+    with pytest.raises(ChatFormatError, match="must be a list of messages, got dict"):
+        tiny.logits(message)
+    with pytest.raises(ChatFormatError, match="must be a list of messages, got dict"):
+        tiny.generate([message, [message]], max_new_tokens=2)  # a list of conversations: each one checked

@@ -237,3 +237,22 @@ def test_short_tail_is_avoided():
     wave = speechy(30.01, seed=4)  # 160 samples over 30 s
     windows = A.split_windows(wave)
     assert len(windows) == 2 and len(windows[1]) >= A.MIN_TAIL_SECONDS * SR
+
+
+def test_tensors_ragged_arrays_and_one_sample_files(tmp_path):
+    """Each input either loads or raises an AudioError that names it (never a TypeError, never an
+    anonymous error later in log_mel)."""
+    torch = pytest.importorskip("torch")
+    wave = tone(SR, 0.1)
+    half = torch.from_numpy(wave).to(torch.bfloat16)  # e.g. a model's bf16 output
+    expected = half.float().numpy()
+    assert np.array_equal(A.load_audio(half), expected)
+    assert np.array_equal(A.load_audio({"array": half, "sampling_rate": SR}), expected)
+    with pytest.raises(AudioError, match="audio array.*numeric"):
+        A.load_audio({"array": [[0.0, 0.1], [0.2]], "sampling_rate": SR})  # ragged
+    one = tmp_path / "one.wav"  # 1 sample at 48 kHz is 0 samples at 16 kHz
+    sf.write(one, np.full(1, 0.1, np.float32), 48000)
+    with pytest.raises(AudioError, match=r"one\.wav.*no audio samples"):
+        A.features(one)
+    with pytest.raises(AudioError, match="path is empty"):
+        A.load_audio("")

@@ -142,3 +142,32 @@ def test_generate_missing_input_exits_2(tiny, tmp_path, capsys):
     code = main(["generate", "--model", str(tiny.path), "--input", str(tmp_path / "no.jsonl"),
                  "--output", str(tmp_path / "o.jsonl")])
     assert code == 2 and "no such input file" in capsys.readouterr().err
+
+
+def test_generate_resolves_every_audio_form_against_the_input_file(tmp_path):
+    """Every way chat.py accepts an audio path (OpenAI's {"audio_url": {"url": ...}} included) is
+    resolved against the input file's folder, not the working directory."""
+    from lalm.cli.generate import read_input
+
+    forms = [{"type": "audio", "audio": "a.wav"}, {"type": "audio", "audio_url": "a.wav"},
+             {"type": "audio_url", "audio_url": {"url": "a.wav"}}, {"type": "audio", "path": "a.wav"},
+             {"type": "audio", "url": "a.wav"}, {"type": "audio", "audio": {"url": "a.wav"}}]
+    _jsonl(tmp_path / "in.jsonl", [{"id": 1, "messages": [{"role": "user", "content": forms}]}])
+    ((_, messages),) = read_input(tmp_path / "in.jsonl")
+    from lalm import chat
+
+    assert chat.audios(chat.validate(messages)) == [str(tmp_path / "a.wav")] * len(forms)
+
+
+@pytest.mark.parametrize("command", ["chat", "generate"])
+@pytest.mark.parametrize("flag, value, words", [("--max-new-tokens", "0", "max_new_tokens=0"),
+                                                ("--top-p", "1.5", "top_p=1.5"),
+                                                ("--temperature", "-1", "temperature=-1")])
+def test_bad_decoding_flags_fail_before_the_model_loads(tmp_path, capsys, command, flag, value, words):
+    """The model folder does not exist: the flag's error must come first (no multi-GB load to wait for)."""
+    inp = tmp_path / "in.jsonl"
+    _jsonl(inp, [{"id": 1, "messages": [{"role": "user", "content": "hi"}]}])
+    where = {"chat": ["--prompt", "hi"], "generate": ["--input", str(inp), "--output", str(tmp_path / "o.jsonl")]}
+    code = main([command, "--model", str(tmp_path / "no-model"), *where[command], flag, value])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "no-model" not in err

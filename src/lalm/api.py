@@ -128,7 +128,9 @@ class GenerationDefaults:
 
 def _is_conversation(x: Any) -> bool:
     """One conversation (a list of message dicts, a raw prompt string or dict) vs a list of them."""
-    if isinstance(x, str) or (isinstance(x, dict) and "prompt" in x):
+    # Any dict is one item: a bare message dict must reach chat.validate's "must be a list" error,
+    # not be iterated into its keys ("role", "content"), each then run as a raw prompt.
+    if isinstance(x, (str, dict)):
         return True
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(
         isinstance(m, dict) and "role" in m or type(m).__name__ == "Message" for m in x)

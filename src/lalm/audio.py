@@ -79,13 +79,24 @@ def _to_float32(array: np.ndarray, name: str) -> np.ndarray:
     raise AudioError(f"{name}: unsupported sample type {array.dtype}")
 
 
+def _as_array(samples: Any, name: str) -> np.ndarray:
+    """A numpy array, tensor (any device, bf16 included: numpy has no bf16) or list -> np.ndarray."""
+    if isinstance(samples, torch.Tensor):
+        samples = samples.detach().cpu()
+        samples = (samples.float() if samples.is_floating_point() else samples).numpy()
+    try:
+        return np.asarray(samples)
+    except (TypeError, ValueError) as e:  # ragged lists, odd objects
+        raise AudioError(f"{name}: samples must be a numeric array ({e})") from None
+
+
 def _to_mono_16k(array: np.ndarray, rate: int, name: str, channels_last: bool = False) -> np.ndarray:
     """(n,) or 2-D array at `rate` -> (n',) float32 at 16 kHz.
 
     soundfile returns (frames, channels) (channels_last); for user arrays the channel axis is
     taken to be the shorter one.
     """
-    array = np.asarray(array)
+    array = _as_array(array, name)
     if array.size == 0:
         raise AudioError(f"{name}: contains no audio samples (empty)")
     if array.ndim == 2:
@@ -104,6 +115,8 @@ def _to_mono_16k(array: np.ndarray, rate: int, name: str, channels_last: bool = 
         raise AudioError(f"{name}: invalid sampling rate {rate!r}")
     if rate != SAMPLE_RATE:
         array = soxr.resample(array, int(rate), SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
+        if array.size == 0:  # e.g. 1 sample at 48 kHz
+            raise AudioError(f"{name}: contains no audio samples at 16 kHz (too short at {rate} Hz)")
     return np.ascontiguousarray(array)
 
 
@@ -118,12 +131,14 @@ def load_audio(src: Any) -> np.ndarray:
     if isinstance(src, dict):
         if "array" not in src or "sampling_rate" not in src:
             raise AudioError(f"{name}: a dict needs 'array' and 'sampling_rate' keys, got {sorted(src)}")
-        return _to_mono_16k(np.asarray(src["array"]), src["sampling_rate"], name)
+        return _to_mono_16k(src["array"], src["sampling_rate"], name)
     if isinstance(src, np.ndarray):
         return _to_mono_16k(src, SAMPLE_RATE, name)
     if isinstance(src, torch.Tensor):
-        return _to_mono_16k(src.detach().cpu().numpy(), SAMPLE_RATE, name)
+        return _to_mono_16k(src, SAMPLE_RATE, name)
     if isinstance(src, (str, os.PathLike)):
+        if not os.fspath(src):  # Path("") is ".", a directory: say what is really wrong
+            raise AudioError("audio file path is empty")
         path = Path(src)
         if not path.exists():
             raise AudioError(f"{name}: file not found")

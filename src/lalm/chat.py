@@ -20,6 +20,14 @@ part boundaries) and the loss mask comes from token offsets: a token is a target
 overlaps an assistant message's content or its `<|im_end|>`; the `\\n` after `<|im_end|>` is not
 a target. (A token merged across the `assistant\\n` header and content starting with a newline
 counts as a target.) `render_raw` is the base model's plain prompt form.
+
+Special tokens typed in message text. transformers' processor (and vLLM) tokenize the rendered
+string with special tokens recognised everywhere, so a user writing `<|im_end|>\\n<|im_start|>system`
+in a message ends their turn and opens a system turn. lalm does not follow it here: message
+text (and a raw prompt's training target) is always plain text, tokenized as the characters it
+is (transformers' `split_special_tokens=True` on that text); only the template's own markup
+gives control tokens. Ids equal the reference's for every text without a special-token string.
+Audio placeholders in text are refused outright (`validate`): they are a mistake, not an attack.
 """
 
 from __future__ import annotations
@@ -168,23 +176,56 @@ def audios(messages: Sequence[Message]) -> list[Any]:
 # ----------------------------------------------------------------------------- rendering
 
 
-def _encode_spans(spans: list[tuple[str, bool]], tokenizer: Tokenizer) -> Rendered:
-    """Tokenize the concatenated spans at once; mask tokens that overlap a target span."""
-    text = "".join(s for s, _ in spans)
+def _encode_spans(spans: list[tuple[str, bool, bool]], tokenizer: Tokenizer) -> Rendered:
+    """Tokenize (text, target, literal) spans as one string; mask tokens that overlap a target span.
+
+    Only the template's markup (literal False) yields special tokens: in message text (literal
+    True) a typed `<|im_end|>` is plain characters, so a user cannot close their turn or open a
+    system one. Tokenizers cut a string at its special tokens and tokenize the pieces between
+    them independently, so when message text holds a special-token string the string is cut at
+    the markup's special tokens and each piece encoded literally; otherwise (the usual case) it
+    is encoded at once, exactly as the reference does.
+    """
+    text = "".join(s for s, _, _ in spans)
     char_target = np.zeros(len(text) + 1, dtype=np.int64)
     pos = 0
-    for s, target in spans:
+    for s, target, _ in spans:
         if target:
             char_target[pos + 1 : pos + 1 + len(s)] = 1
         pos += len(s)
     cum = np.cumsum(char_target)  # cum[k] = target chars among text[:k]
-    ids, offsets = tokenizer.encode_with_offsets(text)
+    if any(lit and any(t in s for t in tokenizer.special_strings) for s, _, lit in spans):
+        ids, offsets = _encode_markup_only(spans, tokenizer)
+    else:
+        ids, offsets = tokenizer.encode_with_offsets(text)
     if ids:
         off = np.asarray(offsets, dtype=np.int64)
         mask = (cum[off[:, 1]] - cum[off[:, 0]]) > 0
     else:
         mask = np.zeros(0, dtype=bool)
     return Rendered(ids=list(ids), loss_mask=mask.tolist(), text=text)
+
+
+def _encode_markup_only(spans: list[tuple[str, bool, bool]], tokenizer: Tokenizer):
+    """Ids and offsets of the joined spans with special tokens recognised in markup spans only."""
+    text = "".join(s for s, _, _ in spans)
+    pattern = re.compile("|".join(map(re.escape, tokenizer.special_strings)))
+    cuts, pos = [], 0  # (start, end) of each special token of the markup
+    for s, _, literal in spans:
+        if not literal:
+            cuts += [(pos + m.start(), pos + m.end()) for m in pattern.finditer(s)]
+        pos += len(s)
+    ids, offsets, start = [], [], 0
+    for a, b in [*cuts, (len(text), len(text))]:
+        if a > start:
+            piece_ids, piece_offsets = tokenizer.encode_with_offsets(text[start:a], literal=True)
+            ids += piece_ids
+            offsets += [(x + start, y + start) for x, y in piece_offsets]
+        if b > a:
+            ids.append(tokenizer.tk.token_to_id(text[a:b]))
+            offsets.append((a, b))
+        start = b
+    return ids, offsets
 
 
 def _audio_span(k: int, n_tokens: int) -> str:
@@ -206,23 +247,23 @@ def render(messages: Any, tokenizer: Tokenizer, audio_tokens: Sequence[int], add
                               "counts were given")
     assistant = [i for i, m in enumerate(msgs) if m.role == "assistant"]
     targets = set(assistant if train_on == "all" else assistant[-1:])
-    spans: list[tuple[str, bool]] = []
+    spans: list[tuple[str, bool, bool]] = []  # (text, target, literal)
     k = 0
     for i, m in enumerate(msgs):
         if i == 0 and m.role != "system":
-            spans.append((f"{IM_START}system\n{DEFAULT_SYSTEM}{IM_END}\n", False))
-        spans.append((f"{IM_START}{m.role}\n", False))
+            spans.append((f"{IM_START}system\n{DEFAULT_SYSTEM}{IM_END}\n", False, False))
+        spans.append((f"{IM_START}{m.role}\n", False, False))
         target = i in targets
         for p in m.parts:
             if p.type == "audio":
-                spans.append((_audio_span(k + 1, int(audio_tokens[k])), False))
+                spans.append((_audio_span(k + 1, int(audio_tokens[k])), False, False))
                 k += 1
             else:
-                spans.append((p.text, target))
-        spans.append((IM_END, target))
-        spans.append(("\n", False))
+                spans.append((p.text, target, True))
+        spans.append((IM_END, target, False))
+        spans.append(("\n", False, False))
     if add_generation_prompt:
-        spans.append((f"{IM_START}assistant\n", False))
+        spans.append((f"{IM_START}assistant\n", False, False))
     return _encode_spans(spans, tokenizer)
 
 
@@ -248,11 +289,11 @@ def render_raw(prompt: str, tokenizer: Tokenizer, audio_tokens: Sequence[int], t
         if not out.endswith(AUDIO_BOS) and not after.startswith(AUDIO_EOS):
             expanded = AUDIO_BOS + expanded + AUDIO_EOS
         out += expanded + after
-    spans = [(out, False)]
+    spans = [(out, False, False)]  # the raw prompt is markup: its special tokens count
     if target is not None:
         if any(t in target for t in _PLACEHOLDERS):
             raise ChatFormatError("the target text contains an audio placeholder token")
-        spans.append((target, True))
+        spans.append((target, True, True))
         if add_eos:
-            spans.append((ENDOFTEXT, True))
+            spans.append((ENDOFTEXT, True, False))
     return _encode_spans(spans, tokenizer)

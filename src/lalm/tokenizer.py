@@ -105,10 +105,31 @@ class Tokenizer:
         """Text -> ids; special tokens written in the text (e.g. `<|im_start|>`) are recognised."""
         return self.tk.encode(text, add_special_tokens=False).ids
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids plus (start, end) character offsets of each token in `text`."""
-        enc = self.tk.encode(text, add_special_tokens=False)
+    def encode_with_offsets(self, text: str, literal: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids plus (start, end) character offsets of each token in `text`.
+
+        literal: special-token strings in `text` (a user typing `<|im_end|>`) are tokenized as the
+        plain characters they are, never as control tokens (transformers' split_special_tokens).
+        """
+        tk = self.tk
+        if literal and any(s in text for s in self.special_strings):
+            tk = self._literal_tk
+        enc = tk.encode(text, add_special_tokens=False)
         return enc.ids, enc.offsets
+
+    @functools.cached_property
+    def special_strings(self) -> tuple[str, ...]:
+        """The text of every special token, longest first (so a regex alternation matches like `tk`)."""
+        return tuple(sorted((t.content for t in self.tk.get_added_tokens_decoder().values() if t.special),
+                            key=len, reverse=True))
+
+    @functools.cached_property
+    def _literal_tk(self) -> HFTokenizer:
+        # A copy, so the shared tokenizer never changes mode under a concurrent encode (the server);
+        # made only when some text really contains a special-token string.
+        tk = HFTokenizer.from_str(self.tk.to_str())
+        tk.encode_special_tokens = True
+        return tk
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -18,3 +18,16 @@ def add_decoding_options(parser: argparse.ArgumentParser) -> None:
                         help="beam search: finished beams score sum log p / length ** this (default 1.0)")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: as stored)")
     parser.add_argument("--device", default=None)
+
+
+def decoding_options(args: argparse.Namespace) -> dict:
+    """The sampling flags as `LALM.generate` keywords (None = the checkpoint's default), checked
+    now, so a bad value fails before a multi-GB model is loaded (the checkpoint's own defaults
+    are checked once it is)."""
+    from lalm.api import GenerationDefaults
+
+    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+               "top_k": args.top_k, "seed": args.seed, "num_beams": args.num_beams,
+               "length_penalty": args.length_penalty}
+    GenerationDefaults().options(**options)  # raises ConfigError naming the bad flag's option
+    return options

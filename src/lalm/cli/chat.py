@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
-from lalm.cli import add_decoding_options
+from lalm.cli import add_decoding_options, decoding_options
 from lalm.errors import AudioError, ConfigError, LalmError
 
 HELP = ("a line is a text turn; /audio FILE [FILE ...] attaches audio to the next turn "
@@ -50,11 +50,6 @@ def _user_turn(audios: list[str], text: str | None) -> dict:
     if text:
         content.append({"type": "text", "text": text})
     return {"role": "user", "content": content}
-
-
-def _options(args: argparse.Namespace) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "top_k": args.top_k, "seed": args.seed, "num_beams": args.num_beams, "length_penalty": args.length_penalty}
 
 
 def _reply(model, conversation: list[dict], options: dict, out: TextIO) -> str:
@@ -115,12 +110,12 @@ def run(args: argparse.Namespace) -> int:
     import lalm
 
     audios = _check_audio(args.audio)
+    options = decoding_options(args)
     one_turn = args.prompt is not None or bool(audios)
     if not one_turn and not sys.stdin.isatty():
         raise ConfigError("no --prompt or --audio and stdin is not a terminal: give a turn, or run it "
                           "in a terminal for an interactive session")
     model = lalm.load(args.model, dtype=args.dtype, device=args.device)
-    options = _options(args)
     if one_turn:
         conversation = ([{"role": "system", "content": args.system}] if args.system else [])
         conversation.append(_user_turn(audios, args.prompt))

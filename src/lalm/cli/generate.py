@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lalm.cli import add_decoding_options
+from lalm.cli import add_decoding_options, decoding_options
 from lalm.errors import ConfigError, LalmError
 
 
@@ -28,6 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, type=Path, help="JSONL results (appended; restartable)")
     parser.add_argument("--batch-size", type=int, default=8)
     add_decoding_options(parser)
+
+
+def _resolve(value: Any, base: Path) -> Any:
+    """A relative audio path -> a path under `base`; URLs, data: URLs and non-strings unchanged."""
+    if isinstance(value, dict) and "url" in value:  # OpenAI's {"audio_url": {"url": ...}}
+        return {**value, "url": _resolve(value["url"], base)}
+    if not isinstance(value, str) or value.startswith("data:") or "://" in value:
+        return value
+    return str(base / Path(value).expanduser())  # an absolute path stays as it is
 
 
 def _relative_audio(messages: Any, base: Path) -> Any:
@@ -40,11 +49,9 @@ def _relative_audio(messages: Any, base: Path) -> Any:
             parts = []
             for p in m["content"]:
                 if isinstance(p, dict):
-                    p = dict(p)
-                    for key in ("audio", "audio_url"):
-                        v = p.get(key)
-                        if isinstance(v, str) and not v.startswith(("data:", "file://")) and "://" not in v:
-                            p[key] = str(base / v)
+                    # every key chat._part reads an audio source from
+                    p = {k: _resolve(v, base) if k in ("audio", "audio_url", "path", "url") else v
+                         for k, v in p.items()}
                 parts.append(p)
             m = {**m, "content": parts}
         out.append(m)
@@ -92,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    given = decoding_options(args)
     items = read_input(args.input)
     skip = done_ids(args.output)
     todo = [(i, m) for i, m in items if json.dumps(i) not in skip]
@@ -99,9 +107,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"lalm generate: nothing to do ({len(items)} ids already in {args.output})", file=sys.stderr)
         return 0
     model = lalm.load(args.model, dtype=args.dtype, device=args.device)
-    options = model.options(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                            num_beams=args.num_beams, length_penalty=args.length_penalty)
+    options = model.options(**given)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     n_err = 0
     with args.output.open("a", encoding="utf-8") as out, tqdm(total=len(todo), unit="conv",
