@@ -265,6 +265,23 @@ def test_http_full_queue_is_429():
         assert r3.status_code == 200, r3.text
 
 
+def test_http_more_answers_than_the_server_holds_is_400_not_429():
+    pytest.importorskip("fastapi")
+    from lalm.serve.app import create_app
+    from lalm.serve.cli import background_server
+
+    engine = Engine(FakeBackend(), max_batch=2, max_queue=1)
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
+    with background_server(create_app(engine)) as url, httpx.Client(timeout=30) as c:
+        r = c.post(f"{url}/v1/chat/completions", json={**body, "n": 4})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "n"
+        assert "max_batch 2 + max_queue 1 = 3" in r.json()["error"]["message"]
+        r = c.post(f"{url}/v1/chat/completions", json={**body, "n": 3})  # fits an idle server
+        assert r.status_code == 200, r.text
+        assert len(r.json()["choices"]) == 3
+
+
 class FailingPrefill(FakeBackend):
     """Prefill raises for prompts containing 'boom' (like a bad input found only at prefill)."""
 

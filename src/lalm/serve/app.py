@@ -183,6 +183,11 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         )
 
     def submit_all(prepared, options: list[Options]):
+        room = engine.max_batch + engine.max_queue
+        if len(options) > room:  # a 429 would say "retry later" to a request that can never fit
+            raise APIError(400, f"n: {len(options)} answers are more than this server ever holds at "
+                           f"once (max_batch {engine.max_batch} + max_queue {engine.max_queue} = {room})",
+                           "n", "invalid_value")
         handles = []
         try:
             for o in options:
