@@ -256,3 +256,15 @@ def test_tensors_ragged_arrays_and_one_sample_files(tmp_path):
         A.features(one)
     with pytest.raises(AudioError, match="path is empty"):
         A.load_audio("")
+
+
+def test_int64_samples_are_refused_and_integral_float_rates_accepted():
+    """np.array of Python ints is int64: scaled as PCM it would be silently near-silence."""
+    with pytest.raises(AudioError, match="int64 samples are not PCM"):
+        A.load_audio(np.array([0, 1000, -1000] * 400))
+    wave = tone(SR, 0.1)
+    assert np.array_equal(A.load_audio({"array": wave, "sampling_rate": 16000.0}),
+                          A.load_audio({"array": wave, "sampling_rate": 16000}))
+    for bad in (True, 22050.5, 0):
+        with pytest.raises(AudioError, match="invalid sampling rate"):
+            A.load_audio({"array": wave, "sampling_rate": bad})

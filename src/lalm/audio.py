@@ -70,6 +70,9 @@ def _describe(src: Any) -> str:
 def _to_float32(array: np.ndarray, name: str) -> np.ndarray:
     """Integer PCM to [-1, 1) float32; floats are cast."""
     if array.dtype.kind in "iu":
+        if array.dtype.itemsize > 4:  # np.array([0, 1000, ...]) is int64: no PCM format is
+            raise AudioError(f"{name}: {array.dtype} samples are not PCM (scaled by 2**63 they "
+                             "would be near-silence): pass float32 in [-1, 1], int16 or int32")
         if array.dtype.kind == "u":  # unsigned PCM (8-bit wav) is offset binary
             bits = array.dtype.itemsize * 8
             return ((array.astype(np.float64) - 2 ** (bits - 1)) / 2 ** (bits - 1)).astype(np.float32)
@@ -111,7 +114,10 @@ def _to_mono_16k(array: np.ndarray, rate: int, name: str, channels_last: bool = 
         raise AudioError(f"{name}: contains no audio samples (empty)")
     if not np.isfinite(array).all():
         raise AudioError(f"{name}: contains NaN or infinite samples")
-    if not isinstance(rate, (int, np.integer)) or rate <= 0:
+    # 16000.0 is a rate (JSON has no int type); True and 22050.5 are not.
+    if isinstance(rate, (float, np.floating)) and float(rate).is_integer():
+        rate = int(rate)
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
         raise AudioError(f"{name}: invalid sampling rate {rate!r}")
     if rate != SAMPLE_RATE:
         array = soxr.resample(array, int(rate), SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
