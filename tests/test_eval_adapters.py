@@ -157,6 +157,16 @@ def test_official_jsonl(tmp_path):
     assert (it.task, it.lang, it.source, it.reference) == ("asr", "fr", "cv15_fr", "Bonjour")
 
 
+def test_official_jsonl_without_a_language_tag_takes_the_source_language(tmp_path):
+    """A prompt with no <|xx|> tag: the language comes from the dataset (official ds_collections),
+    so a Chinese set is scored by characters, not as one English 'word'."""
+    wav = _tone(tmp_path / "a.wav")
+    rows = [("aishell2_test", "zh"), ("cv15_yue", "yue"), ("fleurs_zh", "zh"), ("librispeech_test_clean", "en")]
+    f = _write(tmp_path / "asr" / "x.jsonl", "".join(json.dumps({
+        "audio": str(wav), "prompt": "Recognize the speech.", "gt": "x", "source": src}) + "\n" for src, _ in rows))
+    assert [it.lang for it in adapters.load(f)] == [lang for _, lang in rows]
+
+
 def test_lalm_manifests_folder(tmp_path):
     _tone(tmp_path / "audio" / "q.wav")
     rows = {

@@ -263,6 +263,16 @@ _OFFICIAL_TASK_DIRS = {"asr": "asr", "st": "s2tt", "ser": "ser", "vsc": "vsc", "
 _LANG_TAG = re.compile(r"<\|([a-z]{2,3})\|>\s*$")
 
 
+def _source_lang(source: str) -> str:
+    """A source's language where the prompt carries no <|xx|> tag: the official evaluate_asr.py
+    takes it per dataset (ds_collections: aishell2 zh, cv15_zh zh, cv15_yue yue, fluers_zh zh,
+    ...), and it decides whether WER counts words or characters."""
+    parts = source.lower().split("_")
+    if parts[0].startswith("aishell"):
+        return "zh"
+    return next((p for p in reversed(parts) if p in ("zh", "yue", "en", "fr")), "en")
+
+
 def official_jsonl(path: Path, task: str | None = None) -> list[EvalItem]:
     """The official eval files: `{"audio", "prompt", "gt", "source"}` per line."""
     task = task or _OFFICIAL_TASK_DIRS.get(path.parent.name)
@@ -279,7 +289,7 @@ def official_jsonl(path: Path, task: str | None = None) -> list[EvalItem]:
             src_lang = row["source"].split("_")[-3] if len(row["source"].split("_")) >= 3 else None
         else:
             m = _LANG_TAG.search(row["prompt"])
-            lang = row.get("lang") or (m.group(1) if m else "en")
+            lang = row.get("lang") or (m.group(1) if m else _source_lang(row["source"]))
         audio = Path(row["audio"])
         audio = audio if audio.is_absolute() else path.parent / audio
         items.append(EvalItem(
