@@ -95,6 +95,12 @@ def test_a_bad_item_does_not_sink_its_batch(tmp_path):
                                    tmp_path / "p.jsonl", RunConfig(batch_size=4, progress=False))
     assert records[1]["prediction"] == "" and "cannot decode" in records[1]["error"]
     assert records[0]["prediction"] == "word number 0" and "error" not in records[0]
+    # A rerun (the audio fixed) retries the failed item only, and its new answer replaces the error.
+    lm = StubLM({"1-2-0001": "word number 1"})
+    records = generate_predictions(lm, items, tmp_path / "p.jsonl", RunConfig(batch_size=4, progress=False))
+    assert [n for n, _ in lm.calls] == [1]
+    assert records[1]["prediction"] == "word number 1" and "error" not in records[1]
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 4
 
 
 def test_failed_items_are_skipped_and_counted_not_scored():

@@ -143,7 +143,9 @@ def generate_predictions(lm, items: list[EvalItem], path: str | Path, cfg: RunCo
     rank, world, dist = _dist()
     mine = shard(items, rank, world)
     out_path = path if world == 1 else path.with_name(f"{path.name}.rank{rank}")
-    done = {_key(r) for r in read_predictions(path)} | {_key(r) for r in read_predictions(out_path)}
+    # A record that failed (unreadable audio, too long a prompt) is tried again: the cause may be
+    # fixed by now; its new line, appended, replaces the old one in _merge.
+    done = {_key(r) for p in {path, out_path} for r in read_predictions(p) if not r.get("error")}
     # Similar lengths batch together (less padding; greedy output does not depend on the batch).
     todo = sorted((it for it in mine if it.key not in done), key=_audio_bytes)
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"eval[{rank}]" if world > 1 else "eval",
