@@ -128,14 +128,25 @@ def test_generate_jsonl_bad_lines_and_restart(tiny, wavs, capsys):
         assert by_id[k] == {"id": k, **r.to_dict()}
         assert list(by_id[k]) == ["id", "text", "token_ids", "logprobs", "prompt_tokens", "audio_tokens",
                                   "finish_reason"]
-    # Restart: nothing to redo; then drop a result (as if interrupted) and only it is redone.
-    assert main(args) == 0 and len(out.read_text().splitlines()) == 6
-    kept = [x for x in out.read_text().splitlines() if json.loads(x)["id"] != "q2"]
-    out.write_text("\n".join(kept) + "\n" + '{"id": "q3", "te')  # plus a line cut mid-write
+    # Restart: the answered ids are kept, the error lines tried again (still failing: one line each).
+    answered = [x for x in out.read_text().splitlines() if "error" not in json.loads(x)]
     assert main(args) == 0
-    redone = [json.loads(x) for x in out.read_text().splitlines()[6:]]
-    assert [d["id"] for d in redone] == ["q2"] and redone[0] == by_id["q2"]
-    assert "nothing to do" in capsys.readouterr().err
+    again = out.read_text().splitlines()
+    assert again[:3] == answered and {json.loads(x)["id"] for x in again[3:]} == {"line 2", 7, "no-messages"}
+    # The bad audio fixed: its id is answered now, in place of its error.
+    sf.write(wavs / "audio" / "bad.wav", waveform(1.0, 3), 16000)
+    assert main(args) == 0
+    by_id = {json.loads(x)["id"]: json.loads(x) for x in out.read_text().splitlines()}
+    assert len(out.read_text().splitlines()) == 6 and "text" in by_id[7]
+    # Drop a result (as if interrupted) and cut a line mid-write: q2 is redone, once.
+    kept = [x for x in out.read_text().splitlines() if json.loads(x)["id"] != "q2"]
+    out.write_text("\n".join(kept) + "\n" + '{"id": "q3", "te')
+    assert main(args) == 0
+    ids = [json.loads(x)["id"] for x in out.read_text().splitlines() if x != '{"id": "q3", "te']
+    assert sorted(map(str, ids)) == sorted(map(str, by_id)) and len(ids) == 6
+    assert {json.loads(x)["id"]: json.loads(x) for x in out.read_text().splitlines()[-3:]}["q2"] == by_id["q2"]
+    # Everything answered but the two malformed lines: they are all that a rerun redoes.
+    assert main(args) == 0 and "2 errors, 4 skipped" in capsys.readouterr().err
 
 
 def test_generate_missing_input_exits_2(tiny, tmp_path, capsys):

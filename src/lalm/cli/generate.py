@@ -5,9 +5,9 @@
 
 Each input line is {"id": ..., "messages": [...]} (audio paths relative to the input file);
 each output line is {"id", "text", "token_ids", "logprobs", "prompt_tokens", "audio_tokens",
-"finish_reason"}. Ids already in the output are skipped, so an interrupted run picks up where
-it stopped. A bad line (invalid JSON, a missing field, an unreadable audio, a prompt longer
-than the context) gets {"id", "error"} and the run goes on.
+"finish_reason"}. Ids already answered in the output are skipped, so an interrupted run picks up
+where it stopped. A bad line (invalid JSON, a missing field, an unreadable audio, a prompt longer
+than the context) gets {"id", "error"} and the run goes on; a rerun tries those ids again.
 """
 
 from __future__ import annotations
@@ -59,14 +59,27 @@ def _relative_audio(messages: Any, base: Path) -> Any:
 
 
 def done_ids(output: Path) -> set[str]:
-    """Ids already written (complete lines only: a line cut by a crash is redone)."""
+    """Ids already answered (complete lines only: a line cut by a crash is redone). Error lines
+    are removed from `output` first: their ids are tried again (the audio may be fixed by now),
+    and the file keeps one line per id."""
     ids: set[str] = set()
-    if output.exists():
-        for line in output.read_text(encoding="utf-8").splitlines():
-            try:
-                ids.add(json.dumps(json.loads(line)["id"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
+    if not output.exists():
+        return ids
+    lines = output.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+            if "error" in rec:
                 continue
+            ids.add(json.dumps(rec["id"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+        kept.append(line)
+    if len(kept) < len(lines):
+        tmp = output.with_name(output.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(output)  # atomic: a kill here leaves the old file or the new, never half
     return ids
 
 
