@@ -98,6 +98,15 @@ def test_interactive_session(tiny, wavs):
     assert "missing.wav: file not found" in err.getvalue() and "reset" in err.getvalue()
 
 
+def test_interactive_says_reset_when_the_conversation_outgrows_the_context(tiny):
+    out, err = io.StringIO(), io.StringIO()
+    long = "hello " * tiny.config.text.max_position_embeddings
+    interactive(tiny, iter([long, "Hello", long, "/exit"]), out, err, {"temperature": 0, "max_new_tokens": 4})
+    first, second = err.getvalue().split("error: ")[1:]
+    assert "/reset" not in first  # alone too long: nothing to reset
+    assert "/reset to start over" in second  # with a history: every later turn would fail too
+
+
 def _jsonl(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
 

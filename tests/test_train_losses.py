@@ -261,6 +261,9 @@ def test_counts_and_lengths_below_one_are_config_errors():
     for key in ("log_every", "max_length"):
         with pytest.raises(ConfigError, match=key):
             TrainConfig(**{key: 0}).validate()
+    with pytest.raises(ConfigError, match="keep_checkpoints"):
+        TrainConfig(keep_checkpoints=-1).validate()  # 0 keeps every checkpoint; below it is a typo
+    TrainConfig(keep_checkpoints=0).validate()
 
 
 def test_overrides_are_typed():

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TextIO
 
 from lalm.cli import add_decoding_options, decoding_options
-from lalm.errors import AudioError, ConfigError, LalmError
+from lalm.errors import AudioError, ConfigError, ContextLengthError, LalmError
 
 HELP = ("a line is a text turn; /audio FILE [FILE ...] attaches audio to the next turn "
         "(Enter on an empty line sends it alone); /reset; /exit")
@@ -100,6 +100,8 @@ def interactive(model, lines: Iterable[str], out: TextIO, err: TextIO, options: 
             text = _reply(model, [*history, turn], options, out)
         except LalmError as e:  # a bad file or an over-long conversation: say so, keep the session
             err.write(f"error: {e}\n")
+            if isinstance(e, ContextLengthError) and history:  # every later turn would fail too
+                err.write("(the conversation no longer fits the context: /reset to start over)\n")
             continue
         finally:
             pending = []

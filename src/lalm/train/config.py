@@ -84,7 +84,7 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/train"
     save_every: int = 0  # 0 = only the final model
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest N step-* folders are kept; 0 = keep every one
     log_every: int = 1
     fsdp: bool = False
     device: str = "auto"  # auto | cpu | cuda
@@ -104,8 +104,8 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "log_every", "max_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.micro_batch_size < 0 or self.save_every < 0 or self.warmup_steps < 0:
-            raise ConfigError("micro_batch_size, save_every and warmup_steps must be >= 0")
+        if self.micro_batch_size < 0 or self.save_every < 0 or self.warmup_steps < 0 or self.keep_checkpoints < 0:
+            raise ConfigError("micro_batch_size, save_every, warmup_steps and keep_checkpoints must be >= 0")
         for c in self.lora_components:
             if c not in COMPONENTS:
                 raise ConfigError(f"lora_components: {c!r} is not one of {', '.join(COMPONENTS)}")
