@@ -306,7 +306,9 @@ class Trainer:
                 sums["acc"] += float((out.margins[keep] > 0).sum())
                 sums["chosen"] += float(out.chosen_rewards[keep].sum())
                 sums["rejected"] += float(out.rejected_rewards[keep].sum())
-            else:
+            elif bool(keep.all()):  # the usual case: no copy of the logits
+                total = losses.rows_ce_sum(logits, targets)
+            else:  # stand-ins (records that failed to load) contribute no loss
                 rows = keep[seq]
                 total = losses.rows_ce_sum(logits[rows], targets[rows])
             (total * scale).backward()
