@@ -17,6 +17,7 @@ from train_corpus import (
     asr_manifest,
     asr_record,
     config,
+    corrupt_flac,
     dpo_record,
     one_thread,  # noqa: F401 (autouse fixture: one torch thread in this module)
     write_manifest,
@@ -114,19 +115,6 @@ def test_bad_manifest_lines_are_skipped_and_counted(tmp_path, capsys):
     assert summary["skipped_records"] == 5 and "mixed.jsonl:9" in summary["skipped_first"]
 
 
-def _corrupt_flac(folder) -> str:
-    """A FLAC whose header reads (sf.info: 1 s) but whose body does not decode: it passes the
-    manifest's header check and fails only when a step, an eval or the DPO reference loads it."""
-    import numpy as np
-    import soundfile as sf
-
-    sf.write(folder / "corrupt.flac", (0.3 * np.sin(np.arange(16000) * 0.1)).astype(np.float32), 16000)
-    body = bytearray((folder / "corrupt.flac").read_bytes())
-    body[200:] = bytes((7 * i) % 256 for i in range(200, len(body)))
-    (folder / "corrupt.flac").write_bytes(body)
-    return "corrupt.flac"
-
-
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_record_failing_only_when_decoded_is_skipped_in_steps_eval_and_reference(tmp_path, stage):
     """Such a record used to crash the DPO reference pass and every evaluation, and a rank whose
@@ -134,7 +122,7 @@ def test_record_failing_only_when_decoded_is_skipped_in_steps_eval_and_reference
     once however many epochs meet it."""
     make = asr_record if stage == "sft" else dpo_record
     bad = make(tmp_path, 5)
-    bad["messages"][0]["content"][0]["audio"] = _corrupt_flac(tmp_path)
+    bad["messages"][0]["content"][0]["audio"] = corrupt_flac(tmp_path)
     data = write_manifest(tmp_path / "m.jsonl", [make(tmp_path, k) for k in range(4)] + [bad])
     with pytest.warns(UserWarning, match="skipped 1 record.*corrupt.flac"):
         result = train(config(stage, data, tmp_path / "out", "max_steps=10", "batch_size=1", f"eval_data={data}",
@@ -166,6 +154,21 @@ def test_lora_run_saves_merged_weights(tmp_path):
     assert not torch.equal(after["multi_modal_projector.linear.weight"], before["multi_modal_projector.linear.weight"])
     enc = "audio_tower.layers.0.self_attn.q_proj.weight"  # lora_components defaults to the decoder only
     assert torch.equal(after[enc], before[enc])
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_lora_dropout_is_off_in_dpo_only(tmp_path, stage):
+    """DPO's rewards compare the policy with a reference computed without dropout; with LoRA
+    dropout on in training, the two differed by dropout noise alone (TRL disables it too)."""
+    from lalm.train.build import apply_trainable, build_model, build_tokenizer
+
+    make = asr_record if stage == "sft" else dpo_record
+    data = write_manifest(tmp_path / "m.jsonl", [make(tmp_path, k) for k in range(2)])
+    cfg = config(stage, data, tmp_path / "out", "lora_r=4", "lora_alpha=8", "lora_dropout=0.5",
+                 "lora_target_modules=[q_proj, v_proj]")
+    model = apply_trainable(build_model(cfg, build_tokenizer(cfg)), cfg).train()
+    rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == ({0.5} if stage == "sft" else {0.0})
 
 
 def test_trained_checkpoint_loads_in_transformers_with_equal_logits(tmp_path):

@@ -76,6 +76,16 @@ def dpo_record(folder: Path, k: int, seed: int = 0) -> dict:
     return rec
 
 
+def corrupt_flac(folder: Path) -> str:
+    """A FLAC whose header reads (sf.info: 1 s) but whose body does not decode: it passes the
+    manifest's header check and fails only when a step, an eval or the DPO reference loads it."""
+    sf.write(folder / "corrupt.flac", (0.3 * np.sin(np.arange(16000) * 0.1)).astype(np.float32), 16000)
+    body = bytearray((folder / "corrupt.flac").read_bytes())
+    body[200:] = bytes((7 * i) % 256 for i in range(200, len(body)))
+    (folder / "corrupt.flac").write_bytes(body)
+    return "corrupt.flac"
+
+
 def write_manifest(path: Path, records: list, extra_lines: list[str] = ()) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps(r) for r in records] + list(extra_lines)

@@ -122,6 +122,13 @@ def apply_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module
             model = inject_adapter_in_model(lora, model)
         except ValueError as e:  # peft: "Target modules ... not found in the base model"
             raise ConfigError(f"lora_target_modules: {e}") from None
+    if cfg.stage == "dpo":
+        # The rewards compare the policy's log-probs with the reference's, which are computed
+        # without dropout: with LoRA dropout on, the two differ at step 0 and every reward carries
+        # that noise. TRL's DPOTrainer (disable_dropout=True, its default) turns dropout off too.
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name or component(name) not in cfg.freeze)
     model.audio_tower.embed_positions.requires_grad_(False)  # a fixed table, never trained

@@ -74,7 +74,7 @@ class TrainConfig:
     freeze: list = field(default_factory=list)  # any of encoder, projector, decoder
     lora_r: int = 0  # 0 = no LoRA
     lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
+    lora_dropout: float = 0.0  # off in DPO whatever it says (as TRL's disable_dropout)
     lora_target_modules: list = field(default_factory=list)  # e.g. [q_proj, v_proj]
     lora_components: list = field(default_factory=lambda: ["decoder"])  # where those names are adapted
     beta: float = 0.1  # DPO temperature (Eq. 2); 0.1 as LLaMA-Factory / ms-swift
