@@ -6,6 +6,7 @@ curve of an uninterrupted run; torchrun with 2 processes (gloo, FSDP2) equals 1 
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -143,24 +144,32 @@ def test_torchrun_two_processes_fsdp_equals_one_process(reference, tmp_path):
 def test_torchrun_text_only_and_audio_records_mixed_equal_one_process(tmp_path, fsdp):
     """A rank whose micro-batch held only text-only lines skipped the encoder while another ran it:
     the gradient average (data-parallel) or FSDP's gathers then mismatched and the run died. Here
-    length grouping puts the audio lines on rank 0 and the text-only ones on rank 1."""
-    from train_corpus import WORDS, asr_record, write_manifest
+    length grouping puts the audio lines on rank 0 and the text-only ones on rank 1. The eval set
+    also holds a record that fails only when decoded, at an index rank 1 evaluates: the summary
+    counts it (it counted rank 0's failures only)."""
+    from train_corpus import WORDS, asr_record, corrupt_flac, write_manifest
 
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not installed")
     text = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
             for w in WORDS[:4]]
-    data = write_manifest(tmp_path / "mixed.jsonl", [r for k in range(4) for r in (asr_record(tmp_path, k), text[k])])
+    records = [r for k in range(4) for r in (asr_record(tmp_path, k), text[k])]
+    data = write_manifest(tmp_path / "mixed.jsonl", records)
+    bad = asr_record(tmp_path, 5)
+    bad["messages"][0]["content"][0]["audio"] = corrupt_flac(tmp_path)
+    dev = write_manifest(tmp_path / "dev.jsonl", records[:1] + [bad] + records[1:])  # index 1: rank 1's
     out = tmp_path / "two"
-    extra = ["--micro-batch-size", "2", "--eval-data", str(data), "--eval-every", "2"] + (["--fsdp"] if fsdp else [])
+    extra = ["--micro-batch-size", "2", "--eval-data", str(dev), "--eval-every", "2"] + (["--fsdp"] if fsdp else [])
     cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "lalm", "train",
            *args(data, out, "--batch-size", "8", *extra), "--max-steps", "4", "--save-every", "0"]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     cfg = config(data, tmp_path / "one")
-    cfg.max_steps, cfg.save_every, cfg.micro_batch_size, cfg.eval_data, cfg.eval_every = 4, 0, 2, str(data), 2
+    cfg.max_steps, cfg.save_every, cfg.micro_batch_size, cfg.eval_data, cfg.eval_every = 4, 0, 2, str(dev), 2
     train(cfg)
+    for run in (out, tmp_path / "one"):
+        assert json.loads((run / "summary.json").read_text())["skipped_eval_records"] == 1, run
     two, one = read_metrics(out), read_metrics(tmp_path / "one")
     assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1, 2, 3, 4]
     for a, b in zip(two, one):
@@ -190,3 +199,28 @@ def test_dpo_with_lora_resumes_exactly(tmp_path):
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-000006")
     with pytest.raises(CheckpointError, match="reference log-probs"):
         train(cfg(tmp_path / "b"), resume=True)  # never recomputed from a trained model
+
+
+def test_a_kill_while_replacing_final_leaves_a_whole_model(tmp_path, monkeypatch):
+    """A rerun replaces OUT/final. The old folder used to be deleted in place before the new one
+    was renamed in: a kill during the deletion left a final/ with its config but not all of its
+    weights, a broken model where a whole one had been (the demo's export had the same window).
+    Now the old folder is renamed away first and deleted afterwards."""
+    data = asr_manifest(tmp_path, n=8)
+    cfg = config(data, tmp_path / "run")
+    cfg.max_steps, cfg.save_every = 1, 0
+    train(cfg)
+    rmtree = shutil.rmtree
+
+    def killed_half_way(path, *args, **kwargs):
+        path = Path(path)
+        if (path / "model.safetensors").is_file():  # deleting a whole model folder: die half-way
+            (path / "model.safetensors").unlink()
+            raise KeyboardInterrupt(f"killed while deleting {path}")
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.undo()
+    load_checkpoint(tmp_path / "run" / "final", dtype=torch.float32)

@@ -200,6 +200,7 @@ class Pipeline:
 
     def export(self) -> None:
         from lalm.tokenizer import Tokenizer
+        from lalm.train.checkpoint import publish
 
         final = self.demo / "runs" / "dpo" / "final"
         stamp = self.model_dir / ".from"
@@ -213,8 +214,7 @@ class Pipeline:
         shutil.copytree(final, tmp)
         write_generation_config(tmp, Tokenizer.load(tmp), num_beams=self.recipe.num_beams)
         (tmp / ".from").write_text(source)
-        shutil.rmtree(self.model_dir, ignore_errors=True)
-        tmp.rename(self.model_dir)
+        publish(tmp, self.model_dir)
 
     def evaluate(self) -> dict:
         from lalm.demo_report import run_eval

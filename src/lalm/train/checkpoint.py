@@ -91,15 +91,24 @@ def maybe_inject_kill(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def publish(tmp: Path, dst: Path) -> Path:
+    """Move the complete folder `tmp` to `dst`, replacing any folder there. `dst` is always whole,
+    old or new (or, between two renames, absent), whatever instant a kill lands: the old one is
+    renamed away before it is deleted, never deleted in place (a half-deleted model folder still
+    looks like a model). Used for checkpoints, a run's final/ and the demo's exported model."""
+    _fsync_tree(tmp)
+    trash = dst.with_name(f".trash-{dst.name}")
+    shutil.rmtree(trash, ignore_errors=True)  # an earlier kill's leftover
+    if dst.exists():
+        os.rename(dst, trash)
+    os.rename(tmp, dst)
+    shutil.rmtree(trash, ignore_errors=True)
+    return dst
+
+
 def commit(root: Path, tmp: Path, step: int, keep: int) -> Path:
     """Publish `tmp` as `step-N` atomically, then drop all but the `keep` newest (rank 0 only)."""
-    _fsync_tree(tmp)
-    final = step_dir(root, step)
-    if final.exists():  # a resumed run re-reaching a step it already saved
-        trash = root / f".trash-{final.name}"
-        os.rename(final, trash)
-        shutil.rmtree(trash)
-    os.rename(tmp, final)
+    final = publish(tmp, step_dir(root, step))  # (a resumed run may re-reach a step it saved)
     if keep > 0:
         for old_step, old in complete_checkpoints(root)[:-keep]:
             # Rename first: a kill during rmtree then leaves only a .trash- folder, never a

@@ -109,7 +109,7 @@ class TrainData:
         self.feature_augment = feature_augment or {}
         self._rendered: dict[int, tuple[list, list[Example]]] = {}  # cached path: (audio sources, examples)
         self.skipped = Skipped()
-        self._failed: set[int] = set()  # records that failed in try_examples, counted in skipped
+        self.failed: set[int] = set()  # records that failed in try_examples, counted in skipped
         manifest = read_manifest(path, warn=False)
         for line, message in manifest.problems:
             self.skipped.add(f"{path}:{line}", message)
@@ -199,8 +199,8 @@ class TrainData:
         try:
             return self.examples(index, epoch)
         except LalmError as e:
-            if index not in self._failed:
-                self._failed.add(index)
+            if index not in self.failed:
+                self.failed.add(index)
                 self.skipped.add(f"{self.path}: record {self.records[index].get('id', index + 1)}", str(e))
             return None
 

@@ -417,8 +417,7 @@ class Trainer:
             tmp = self.out / ".tmp-final"
             shutil.rmtree(tmp, ignore_errors=True)
             build.save_hf(hf, self.model_config, self.tokenizer, tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+            checkpoint.publish(tmp, final)
         distributed.barrier(self.d)
         return final
 
@@ -464,16 +463,27 @@ class Trainer:
             bar.close()
             if writer:
                 writer.close()
-        skipped = len(self.data.skipped)
+        skipped = self._skipped_on_any_rank(self.data)
+        skipped_eval = self._skipped_on_any_rank(self.eval_data) if self.eval_data else 0
         if d.main:
             plot_losses(self.out, title=f"lalm train --stage {cfg.stage}")
+            first = self.data.skipped.items[0][1] if self.data.skipped else None
             summary = {"steps": cfg.max_steps, "final": str(final), "skipped_records": skipped,
-                       "skipped_first": self.data.skipped.items[0][1] if skipped else None, "last": last,
-                       "skipped_eval_records": len(self.eval_data.skipped) if self.eval_data else 0}
+                       "skipped_first": first, "last": last, "skipped_eval_records": skipped_eval}
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
             if skipped:
-                warnings.warn(f"{cfg.data}: {self.data.skipped.summary()}", stacklevel=2)
+                warnings.warn(f"{cfg.data}: skipped {skipped} record(s)" + (f"; first: {first}" if first else ""),
+                              stacklevel=2)
         return RunResult(self.out, final, cfg.max_steps, last, skipped)
+
+    def _skipped_on_any_rank(self, data: TrainData) -> int:
+        """Records skipped by the run as a whole. Those the manifest check dropped are the same on
+        every rank; a record that fails only when decoded is met by whichever rank its batch slice
+        falls to (another one each epoch), so the count is the union of every rank's failures."""
+        failed = torch.zeros(len(data), dtype=torch.float32)
+        failed[sorted(data.failed)] = 1.0
+        failed = distributed.all_sum_tensor(self.d, failed)
+        return len(data.skipped) - len(data.failed) + int((failed > 0).sum())
 
     def close(self) -> None:
         distributed.teardown(self.d)
