@@ -52,6 +52,18 @@ def test_chat_json_voice_only(tiny, wavs, capsys):
     assert out == expected.to_dict() and out["audio_tokens"] > 0
 
 
+def test_chat_empty_system_is_an_empty_system_turn(tiny, wavs, capsys):
+    """--system '' used to give the template's default system prompt ('' is falsy)."""
+    wav = str(wavs / "audio" / "a.wav")
+    assert main(["chat", "--model", str(tiny.path), "--audio", wav, "--system", "", "--json", *GREEDY]) == 0
+    out = json.loads(capsys.readouterr().out)
+    audio = [{"type": "audio", "audio": wav}]
+    (empty,) = tiny.generate([{"role": "system", "content": ""}, {"role": "user", "content": audio}],
+                             temperature=0, max_new_tokens=12)
+    assert out == empty.to_dict()
+    assert out["prompt_tokens"] < answer(tiny, audio).prompt_tokens  # no 'You are a helpful assistant.'
+
+
 def test_chat_and_generate_take_num_beams(tiny, wavs, capsys):
     wav = str(wavs / "audio" / "a.wav")
     content = [{"type": "audio", "audio": wav}, {"type": "text", "text": "What is it?"}]

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--audio", action="append", default=[], metavar="FILE",
                         help="audio file for the turn (repeatable; several audios in one turn)")
     parser.add_argument("--prompt", help="text of the turn")
-    parser.add_argument("--system", help="system prompt (default: the template's)")
+    parser.add_argument("--system", help="system prompt (default: the template's 'You are a helpful assistant.'; "
+                        "--system '' gives an empty system turn)")
     parser.add_argument("--json", action="store_true", help="print one JSON result instead of streaming text")
     add_decoding_options(parser)
 
@@ -69,7 +70,8 @@ def _reply(model, conversation: list[dict], options: dict, out: TextIO) -> str:
 def interactive(model, lines: Iterable[str], out: TextIO, err: TextIO, options: dict,
                 system: str | None = None) -> None:
     """The session loop, reading commands and turns from `lines` (stdin on a terminal)."""
-    base = [{"role": "system", "content": system}] if system else []
+    # `is not None`: an empty --system is an empty system turn, not the template's default one
+    base = [{"role": "system", "content": system}] if system is not None else []
     history: list[dict] = list(base)
     pending: list[str] = []
     for raw in lines:
@@ -119,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
                           "in a terminal for an interactive session")
     model = lalm.load(args.model, dtype=args.dtype, device=args.device)
     if one_turn:
-        conversation = ([{"role": "system", "content": args.system}] if args.system else [])
+        conversation = [{"role": "system", "content": args.system}] if args.system is not None else []
         conversation.append(_user_turn(audios, args.prompt))
         if args.json:
             (result,) = model.generate(conversation, **options)
