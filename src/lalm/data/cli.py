@@ -53,10 +53,20 @@ def run(args: argparse.Namespace) -> int:
             print(f"line {n}: {msg}")
         print(f"{len(m)} records loaded, {len(m.problems)} skipped")
         return 1 if m.problems else 0
-    tasks = Counter(r.get("task", "?") for r in m)
-    sources = Counter(p.partition(":")[0] for r in m for p in r.get("source", "?").split(" + "))
-    seconds = sum(sum(r.get("durations", {}).values()) for r in m)
+    # source, task and durations are optional and free-form on users' lines (null, a number,
+    # a list...): summarise what is there, never stop on it
+    tasks = Counter(str(r.get("task") or "?") for r in m)
+    sources = Counter(p.partition(":")[0] for r in m for p in str(r.get("source") or "?").split(" + "))
+    seconds = sum(_seconds(r) for r in m)
     print(f"{len(m)} records, {len(m.problems)} skipped, {seconds / 3600:.2f} h of audio")
     print("tasks:   " + ", ".join(f"{k} {v}" for k, v in tasks.most_common()))
     print("sources: " + ", ".join(f"{k} {v}" for k, v in sources.most_common()))
     return 0
+
+
+def _seconds(record: dict) -> float:
+    """Total of a record's `durations` values that are numbers (0 without any)."""
+    d = record.get("durations")
+    if not isinstance(d, dict):
+        return 0.0
+    return sum(v for v in d.values() if isinstance(v, (int, float)) and not isinstance(v, bool))

@@ -1,7 +1,8 @@
 """Manifests: the JSONL files every training and evaluation command reads.
 
-One example a line, UTF-8. Audio paths are relative to the manifest file (absolute paths
-are accepted too): `lalm data build` writes `DIR/sft/train.jsonl` with `../audio/...`. `read_manifest` resolves them to absolute paths, so callers can hand
+One example a line, UTF-8 (a leading BOM is ignored). Audio paths are relative to the manifest
+file (absolute paths are accepted too): `lalm data build` writes `DIR/sft/train.jsonl` with
+`../audio/...`. `read_manifest` resolves them to absolute paths, so callers can hand
 `record["messages"]` straight to `chat.validate` / `processor.prepare`.
 
 Pre-training and SFT lines::
@@ -41,13 +42,16 @@ both sides (ASR: WER; voice chat / coarse / sound: exact match). Eval sets writt
 Also read, per line, so users can bring data they already have:
 - ms-swift / LLaMA-Factory: `messages` (role/content) or `conversations` (from/value) or
   `query`/`response`/`history`, with `<audio>` placeholders in the text and `"audios": [...]`
-  (or `"audio"`); `"rejected_response"` (ms-swift) or `"chosen"`/`"rejected"` messages
-  (LLaMA-Factory) make a DPO record.
+  (or `"audio"`; null = none) and an optional top-level `"system"`; `"rejected_response"`
+  (ms-swift) or `"chosen"`/`"rejected"` (LLaMA-Factory: strings, or messages with
+  `value` or `content`) make a DPO record. lalm's own optional fields (`format`, `meta`, and
+  the eval fields) keep their meaning on these lines.
 - A LibriSpeech-layout folder (`speaker/chapter/*.flac` + `speaker-chapter.trans.txt`):
   `read_librispeech(dir)`, or `read_manifest(dir)`.
 
-A malformed line is reported with its line number and skipped (a counted warning); a line
-whose audio file is missing is skipped the same way. The rest loads.
+A malformed line is reported with its line number and skipped (a counted warning); so is a
+line that is not UTF-8, one that the chat format refuses (`chat.validate`, as every training
+stage does), and one whose audio file is missing. The rest loads.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from lalm import chat
 from lalm.errors import ChatFormatError, LalmError
 
 ROLES = ("system", "user", "assistant")
@@ -127,24 +132,60 @@ def _split_audio_tags(text: str, audios: list[str], where: str) -> list[dict] | 
     return parts
 
 
+def _answer(value: Any, key: str, where: str) -> Any:
+    """A DPO answer: a string, or a message dict (LLaMA-Factory writes {"from", "value"}, or
+    {"role", "content"} with OpenAI-style tags)."""
+    if not isinstance(value, dict):
+        return value
+    for k in ("value", "content"):
+        if k in value:
+            return value[k]
+    raise ChatFormatError(f"{where}: '{key}' is a message without 'value' or 'content'")
+
+
+def _list_of_dicts(value: Any, key: str, where: str) -> list[dict]:
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise ChatFormatError(f"{where}: '{key}' must be a list of message objects")
+    return value
+
+
 def _from_swift(obj: dict, where: str) -> dict:
-    """Convert one ms-swift / LLaMA-Factory line to our record (see module docstring)."""
-    audios = obj.get("audios", obj.get("audio", []))
-    audios = [audios] if isinstance(audios, str) else list(audios)
+    """Convert one ms-swift / LLaMA-Factory line to our record (see module docstring).
+
+    Any malformed field raises ChatFormatError (never TypeError/KeyError), so the reader can
+    skip the line and name it instead of stopping on it.
+    """
+    audios = obj.get("audios", obj.get("audio"))
+    if audios is None:  # exports of mixed datasets write null for a text-only row
+        audios = []
+    elif isinstance(audios, str):
+        audios = [audios]
+    elif isinstance(audios, list) and all(isinstance(a, str) for a in audios):
+        audios = list(audios)
+    else:
+        raise ChatFormatError(f"{where}: 'audios' must be a path or a list of paths")
     if "conversations" in obj:  # ShareGPT (LLaMA-Factory)
         turns = []
-        for m in obj["conversations"]:
-            role = _SHAREGPT_ROLES.get(m.get("from", m.get("role")))
+        for m in _list_of_dicts(obj["conversations"], "conversations", where):
+            speaker = m.get("from", m.get("role"))
+            role = _SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
             if role is None:
                 raise ChatFormatError(f"{where}: unknown speaker {m.get('from')!r}")
             turns.append({"role": role, "content": m.get("value", m.get("content", ""))})
         if obj.get("system"):
             turns.insert(0, {"role": "system", "content": obj["system"]})
     elif "messages" in obj:
-        turns = [dict(m) for m in obj["messages"]]
+        turns = [dict(m) for m in _list_of_dicts(obj["messages"], "messages", where)]
+        # a separate "system" column (LLaMA-Factory's OpenAI-style tags) is the first turn,
+        # as in the other two layouts, unless the messages already open with one
+        if obj.get("system") and not (turns and turns[0].get("role") == "system"):
+            turns.insert(0, {"role": "system", "content": obj["system"]})
     elif "query" in obj:  # old ms-swift: query/response/history
         turns = [{"role": "system", "content": obj["system"]}] if obj.get("system") else []
-        for q, r in obj.get("history", []):
+        history = obj.get("history") or []
+        if not isinstance(history, list) or not all(isinstance(h, list) and len(h) == 2 for h in history):
+            raise ChatFormatError(f"{where}: 'history' must be a list of [query, response] pairs")
+        for q, r in history:
             turns += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
         turns.append({"role": "user", "content": obj["query"]})
         if "response" in obj:
@@ -156,15 +197,17 @@ def _from_swift(obj: dict, where: str) -> dict:
             m["content"] = _split_audio_tags(m["content"], audios, where)
     if audios:
         raise ChatFormatError(f"{where}: {len(audios)} entries in 'audios' have no <audio> tag")
-    rec = {k: obj[k] for k in ("id", "source", "task") if k in obj}
+    # our own optional fields (see the module docstring) mean the same on these lines
+    rec = {k: obj[k] for k in ("id", "source", "task", "format", "reference", "lang", "question",
+                               "subset", "meta") if k in obj}
     chosen, rejected = obj.get("chosen"), obj.get("rejected", obj.get("rejected_response"))
     if rejected is not None:
         if chosen is None:  # ms-swift: the last assistant turn is the chosen answer
-            if turns[-1]["role"] != "assistant":
+            if not turns or turns[-1].get("role") != "assistant":
                 raise ChatFormatError(f"{where}: 'rejected_response' without an assistant answer")
             chosen = turns.pop()["content"]
-        rec["chosen"] = chosen["value"] if isinstance(chosen, dict) else chosen
-        rec["rejected"] = rejected["value"] if isinstance(rejected, dict) else rejected
+        rec["chosen"] = _answer(chosen, "chosen", where)
+        rec["rejected"] = _answer(rejected, "rejected", where)
     rec["messages"] = turns
     return rec
 
@@ -172,6 +215,8 @@ def _from_swift(obj: dict, where: str) -> dict:
 def _is_ours(obj: dict) -> bool:
     if "messages" not in obj or "audios" in obj or "audio" in obj:
         return False
+    if not isinstance(obj["messages"], list):
+        return True  # malformed either way: _check_messages names the problem
     return not any(isinstance(m, dict) and isinstance(m.get("content"), str)
                    and _AUDIO_TAG_RE.search(m["content"]) for m in obj["messages"])
 
@@ -185,12 +230,24 @@ def parse_line(line: str, where: str) -> dict:
     if not isinstance(obj, dict):
         raise ChatFormatError(f"{where}: a line must be a JSON object")
     rec = obj if _is_ours(obj) else _from_swift(obj, where)
+    for key in ("chosen", "rejected"):  # text-only LLaMA-Factory lines take this path too
+        if isinstance(rec.get(key), dict):
+            rec[key] = _answer(rec[key], key, where)
     _check_messages(rec["messages"], where)
+    try:  # what every stage applies: a line `lalm data check` passes must not fail there
+        chat.validate(rec["messages"])
+    except ChatFormatError as e:
+        raise ChatFormatError(f"{where}: {e}") from None
     for key in ("chosen", "rejected", "reference"):
         if key in rec and not isinstance(rec[key], str):
             raise ChatFormatError(f"{where}: '{key}' must be a string")
     if ("chosen" in rec) != ("rejected" in rec):
         raise ChatFormatError(f"{where}: 'chosen' and 'rejected' go together")
+    if "chosen" in rec and rec["messages"][-1]["role"] != "user":
+        # the trainer appends each answer to the prompt: a prompt ending in an answer would
+        # train on two assistant turns in a row
+        raise ChatFormatError(f"{where}: a DPO line's 'messages' are the prompt only and must "
+                              f"end with a user turn, not {rec['messages'][-1]['role']!r}")
     return rec
 
 
@@ -227,13 +284,21 @@ def read_manifest(path: str | Path, *, resolve_audio: bool = True, check_audio: 
         return read_librispeech(path)
     if not path.is_file():
         raise LalmError(f"{path}: manifest not found")
-    base = path.parent
+    # absolute (not resolve(): symlinks stay as given), so records do not depend on the cwd
+    base = path.parent.absolute()
     out = Manifest(path=str(path))
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: a BOM some editors write is not part of line 1; surrogateescape: a line in
+    # another encoding is reported and skipped below instead of stopping the whole read
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{n}"
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError as e:
+                out.problems.append((n, f"{where}: not UTF-8 text (bad byte at column {e.start + 1})"))
+                continue
             try:
                 rec = parse_line(line, where)
             except LalmError as e:
@@ -293,7 +358,7 @@ def read_librispeech(folder: str | Path, prompt: str = "Transcribe this audio.")
     Layout: `<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac` with one
     `<speaker>-<chapter>.trans.txt` per chapter holding `<utt-id> TRANSCRIPT` lines.
     """
-    folder = Path(folder)
+    folder = Path(folder).absolute()  # absolute audio paths, as read_manifest gives
     out = Manifest(path=str(folder))
     trans_files = sorted(folder.rglob("*.trans.txt"))
     if not trans_files:
@@ -323,8 +388,18 @@ def read_librispeech(folder: str | Path, prompt: str = "Transcribe this audio.")
 
 
 def write_jsonl(path: str | Path, records: list[dict]) -> None:
-    """Write records one a line, keys in insertion order, so equal input gives equal bytes."""
+    """Write records one a line, keys in insertion order, so equal input gives equal bytes.
+
+    Written beside the target and renamed into place: a write stopped half-way never leaves a
+    truncated manifest that reads as a shorter, valid one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False, separators=(", ", ": ")) + "\n" for r in records)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False, separators=(", ", ": ")) + "\n" for r in records)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
