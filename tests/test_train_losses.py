@@ -266,6 +266,18 @@ def test_counts_and_lengths_below_one_are_config_errors():
     TrainConfig(keep_checkpoints=0).validate()
 
 
+def test_paths_in_a_yaml_config_expand_the_home_folder(tmp_path, monkeypatch):
+    """`init: ~/ckpt` in a YAML file reached the loader as a folder literally named '~'
+    (the shell expands it on the command line, YAML does not)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "run.yaml"
+    path.write_text("stage: sft\ninit: ~/ckpt\ndata: ~/data/train.jsonl\nout: ~/runs/a\ntokenizer: preset-free\n")
+    cfg = TrainConfig.load(path).validate()
+    assert (cfg.init, cfg.data, cfg.out) == (str(tmp_path / "ckpt"), str(tmp_path / "data/train.jsonl"),
+                                             str(tmp_path / "runs/a"))
+    assert cfg.tokenizer == "preset-free" and cfg.eval_data is None  # other values untouched
+
+
 def test_overrides_are_typed():
     cfg = TrainConfig()
     cfg.apply_overrides(["--lr=1e-4", "--max-steps=7", "--freeze=encoder,projector", "--fsdp=true",

@@ -8,6 +8,7 @@ are errors, never silently ignored: a typo in `lerning_rate` must not train with
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from lalm.errors import ConfigError
 
 STAGES = ("pretrain", "sft", "dpo")
 COMPONENTS = ("encoder", "projector", "decoder")
+# Fields that name files or folders: a leading ~ is the user's home, as on the command line
+# (where the shell expands it); in a YAML config nothing else would.
+PATH_FIELDS = ("init", "encoder_init", "decoder_init", "tokenizer", "data", "eval_data", "feature_cache", "out")
 
 
 @dataclass
@@ -92,6 +96,10 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> TrainConfig:
+        for name in PATH_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, name, os.path.expanduser(value))
         if self.stage not in STAGES:
             raise ConfigError(f"stage: {self.stage!r} is not one of {', '.join(STAGES)}")
         if self.train_on not in ("all", "last"):
