@@ -78,6 +78,10 @@ class GenerationDefaults:
                 raise ConfigError(f"{file}: not valid JSON ({e})") from None
             if not isinstance(d, dict):
                 raise ConfigError(f"{file}: expected a JSON object")
+        # null means unset, as in transformers: 4.x wrote `"temperature": null` (and top_p ...)
+        # for a field set to None to silence its do_sample warnings. top_k keeps its own rule
+        # below (null = no top-k filter, as 4.x read it).
+        d = {k: v for k, v in d.items() if v is not None or k == "top_k"}
         eos = d.get("eos_token_id", config.text.extra.get("eos_token_id"))
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         # <|im_end|> ends an Instruct turn and <|endoftext|> a base-model completion: stop at both
@@ -291,7 +295,10 @@ def load(path: str | Path, dtype: Any = None, device: Any = None) -> LALM:
     from lalm.weights import load_checkpoint
 
     folder = resolve_model_path(path)
+    dtype = _dtype(dtype)
     tokenizer = Tokenizer.load(folder)
-    model = load_checkpoint(folder, dtype=_dtype(dtype), device=device)
-    defaults = GenerationDefaults.load(folder, tokenizer, model.config)
+    # The small files first: a bad generation_config.json fails in a moment, not after the
+    # minutes a 7B model's weights take to read.
+    defaults = GenerationDefaults.load(folder, tokenizer, ModelConfig.load(folder))
+    model = load_checkpoint(folder, dtype=dtype, device=device)
     return LALM(model=model, tokenizer=tokenizer, defaults=defaults, path=folder)

@@ -268,6 +268,15 @@ class ModelConfig:
                 f"config field model_type: expected 'qwen2_audio', got {d['model_type']!r}"
             )
         d = dict(d)
+        # Quantized exports (GPTQ, AWQ, bitsandbytes, FP8) store other tensors than the model's;
+        # say so here rather than name some qweight/absmax/weight_scale tensor at load time.
+        quant = d.get("quantization_config")
+        if quant is not None:
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+            raise ConfigError(
+                f"config field quantization_config: quantized checkpoints ({method}) are not "
+                f"supported; use the bf16/fp32 weights"
+            )
         audio = AudioConfig.from_dict(d.pop("audio_config", None) or {})
         text = TextConfig.from_dict(d.pop("text_config", None) or {})
         known, extra = {}, {}

@@ -1,7 +1,8 @@
 """`--model` names: a local checkpoint folder, or a hub name found in the local Hugging Face cache.
 
 lalm never downloads at run time. `Qwen/Qwen2-Audio-7B-Instruct` resolves to
-`$HF_HUB_CACHE` (default `$HF_HOME/hub`, default `~/.cache/huggingface/hub`)
+huggingface_hub's cache (`hub_cache`: `$HF_HUB_CACHE`, default `$HF_HOME/hub`, default
+`${XDG_CACHE_HOME:-~/.cache}/huggingface/hub`)
 `/models--Qwen--Qwen2-Audio-7B-Instruct/snapshots/<rev>`, where <rev> is the commit that
 `refs/main` names (or `name@rev` picks one); anything else is refused with the command to fetch it.
 """
@@ -18,10 +19,15 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w.-]+)?$")
 
 
 def hub_cache() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
-    return home / "hub"
+    """The cache folder huggingface_hub downloads into, found by its own rules (its constants.py):
+    HF_HUB_CACHE, else the older HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub with HF_HOME defaulting
+    to $XDG_CACHE_HOME/huggingface (~/.cache/huggingface); `~` and $VARS in them are expanded.
+    Any other reading looks in a folder `huggingface-cli download` never wrote to."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if not cache:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+        cache = os.path.join(os.environ.get("HF_HOME") or os.path.join(xdg, "huggingface"), "hub")
+    return Path(os.path.expandvars(os.path.expanduser(cache)))
 
 
 def _snapshot(repo_dir: Path, revision: str | None) -> Path | None:

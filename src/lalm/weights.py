@@ -20,6 +20,7 @@ not twice.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -61,9 +62,16 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
     index = path / INDEX_FILE
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a safetensors index ({e!r})") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise CheckpointError(
+                f"{index}: not a safetensors index (its weight_map must map tensor names to "
+                "shard files)"
+            )
         files = {name: path / file for name, file in weight_map.items()}
         for file in sorted(set(files.values())):
             if not file.exists():
@@ -186,6 +194,32 @@ def load_checkpoint(
     return model.eval()
 
 
+def _first_float_dtype(state: dict[str, torch.Tensor]) -> torch.dtype | None:
+    return next((t.dtype for t in state.values() if t.is_floating_point()), None)
+
+
+def _config_naming_dtype(config: ModelConfig, dtype: torch.dtype | None) -> ModelConfig:
+    """`config` with the `torch_dtype`/`dtype` keys it carries set to the dtype the weights are
+    written in. A model fine-tuned in fp32 from the released config would otherwise say
+    "bfloat16" beside fp32 tensors, and transformers, which takes the config's word over the
+    weights', would load it in another precision than lalm does."""
+    names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+    name = names.get(dtype)
+    if name is None:
+        return config
+
+    # Only keys already there: without one, transformers takes the dtype from the weights.
+    def named(extra: dict) -> dict:
+        return {k: name if k in ("torch_dtype", "dtype") else v for k, v in extra.items()}
+
+    return replace(
+        config,
+        extra=named(config.extra),
+        text=replace(config.text, extra=named(config.text.extra)),
+        audio=replace(config.audio, extra=named(config.audio.extra)),
+    )
+
+
 def save_checkpoint(
     model: Qwen2AudioForConditionalGeneration,
     path: str | Path,
@@ -195,8 +229,8 @@ def save_checkpoint(
     """Write config.json and the weights in the released layout (sharded above max_shard_bytes)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.config.save(path)
     state = model.state_dict()
+    _config_naming_dtype(model.config, dtype or _first_float_dtype(state)).save(path)
     if model.config.text.tie_word_embeddings:
         # safetensors stores no aliases, and transformers' Qwen2Audio never re-ties a head: write
         # the head as its own copy so every loader gets the same logits.
