@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import torch
 from lalm import beam
 from lalm import generate as gen
 from lalm.config import ModelConfig
-from lalm.errors import ConfigError
+from lalm.errors import ChatFormatError, ConfigError
 from lalm.hub import resolve_model_path
 from lalm.tokenizer import Tokenizer
 
@@ -104,30 +104,34 @@ class GenerationDefaults:
 
     def options(self, **overrides) -> gen.SamplingOptions:
         """SamplingOptions from these defaults; None-valued overrides are ignored."""
-        base = gen.SamplingOptions(
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature if self.do_sample else 0.0,
-            top_p=self.top_p if self.do_sample else 1.0,
-            top_k=self.top_k if self.do_sample else 0,
-            repetition_penalty=self.repetition_penalty,
-            num_beams=self.num_beams,
-            length_penalty=self.length_penalty,
-            stop_token_ids=self.eos_token_ids,
-        )
+        # Plain values, validated once merged: a file with do_sample and num_beams > 1 (beam
+        # sampling in transformers) must still give a sampling or an overridden call its options.
+        base = gen.SamplingOptions().__dict__ | {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature if self.do_sample else 0.0,
+            "top_p": self.top_p if self.do_sample else 1.0,
+            "top_k": self.top_k if self.do_sample else 0,
+            "repetition_penalty": self.repetition_penalty,
+            "num_beams": self.num_beams,
+            "length_penalty": self.length_penalty,
+            "stop_token_ids": self.eos_token_ids,
+        }
         given = {k: v for k, v in overrides.items() if v is not None}
         if isinstance(given.get("stop"), str):
             given["stop"] = (given["stop"],)
         if "stop" in given:
             given["stop"] = tuple(given["stop"])
+        if isinstance(given.get("stop_token_ids"), int):  # one id, as transformers takes eos_token_id
+            given["stop_token_ids"] = (given["stop_token_ids"],)
         if "stop_token_ids" in given:
             given["stop_token_ids"] = tuple(given["stop_token_ids"])
         # The checkpoint's num_beams is a default for deterministic decoding: a call that samples,
         # or asks for stop strings or top log-probs, without naming num_beams decodes one sequence.
         # (An explicit num_beams > 1 with those is refused by SamplingOptions.)
-        merged = {**base.__dict__, **given}
+        merged = {**base, **given}
         if "num_beams" not in given and (merged["temperature"] > 0 or merged["stop"] or merged["top_logprobs"]):
-            given["num_beams"] = 1
-        return replace(base, **given)
+            merged["num_beams"] = 1
+        return gen.SamplingOptions(**merged)
 
 
 def _is_conversation(x: Any) -> bool:
@@ -181,8 +185,11 @@ class LALM:
         if isinstance(conversation, str):
             conversation = {"prompt": conversation, "audios": []}
         if isinstance(conversation, dict) and "prompt" in conversation:
-            return processor.prepare_raw(conversation["prompt"], conversation.get("audios") or [],
-                                         self.tokenizer, n_mels, max_length=limit)
+            example = processor.prepare_raw(conversation["prompt"], conversation.get("audios") or [],
+                                            self.tokenizer, n_mels, max_length=limit)
+            if not len(example):  # (chat markup is never empty) refused here, so one bad input fails alone
+                raise ChatFormatError("the raw prompt is empty: there is no token to continue from")
+            return example
         return processor.prepare(conversation, self.tokenizer, n_mels, add_generation_prompt=add_generation_prompt,
                                  max_length=limit)
 

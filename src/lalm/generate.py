@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 
 from lalm.decode_ops import cpu_decode_path, decode_attention, decode_threads
-from lalm.errors import ConfigError, ContextLengthError
+from lalm.errors import ChatFormatError, ConfigError, ContextLengthError
 from lalm.model import KVCache
 
 
@@ -70,8 +71,12 @@ class SamplingOptions:
         for name, ok, why in checks:
             if not ok:
                 raise ConfigError(f"sampling option {name}={getattr(self, name)!r}: {why}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ConfigError(f"sampling option stop={self.stop!r}: stop strings must be non-empty strings")
+        # A bare string would be read as one stop string per character ("END": stop at any E).
+        if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
+            raise ConfigError(f"sampling option stop={self.stop!r}: stop strings must be a tuple of non-empty strings")
+        ids = self.stop_token_ids
+        if isinstance(ids, numbers.Integral) or not all(isinstance(t, numbers.Integral) and t >= 0 for t in ids):
+            raise ConfigError(f"sampling option stop_token_ids={self.stop_token_ids!r}: must be a tuple of token ids")
         if self.num_beams > 1:
             clash = [f"{name}={v!r}" for name, v, off in [("temperature", self.temperature, 0.0),
                                                         ("stop", self.stop, ()), ("top_logprobs", self.top_logprobs, 0)]
@@ -119,7 +124,12 @@ def sample(logits: torch.Tensor, options: SamplingOptions, generator: torch.Gene
     scores = process_logits(logits, options, seen, n_generated)
     if options.greedy:
         return int(scores.argmax())
-    return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+    probs = scores.softmax(-1)
+    if generator is not None and probs.device != generator.device:
+        # Row generators live on the CPU (a seed then draws the same on any device), and torch
+        # refuses a CPU generator for a CUDA tensor: "Expected a 'cuda' device type for generator".
+        probs = probs.to(generator.device)
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class TextStream:
@@ -428,9 +438,11 @@ class DecodeState:
 
 
 def check_context(model, batch) -> None:
-    """A prompt must leave room for at least one new token in the model's context."""
+    """A prompt must have a token to continue from and leave room for one new token in the context."""
     limit = model.config.text.max_position_embeddings
     lengths = batch.attention_mask.long().sum(-1)
+    if int(lengths.min()) == 0:  # its "last token" would be padding: garbage in a batch, a crash alone
+        raise ChatFormatError(f"prompt {int(lengths.argmin())} is empty: there is no token to continue from")
     if int(lengths.max()) >= limit:
         i = int(lengths.argmax())
         raise ContextLengthError(f"prompt {i} has {int(lengths[i])} tokens; the model's context is "
