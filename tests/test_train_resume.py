@@ -224,3 +224,21 @@ def test_a_kill_while_replacing_final_leaves_a_whole_model(tmp_path, monkeypatch
         train(cfg)
     monkeypatch.undo()
     load_checkpoint(tmp_path / "run" / "final", dtype=torch.float32)
+
+
+def test_resume_when_a_trainable_parameter_never_had_a_gradient(tmp_path):
+    """Text-only lines never run the projector (nor the encoder): AdamW keeps no state for them,
+    the checkpoint holds none, and resuming refused it ("no optimizer state for parameter")."""
+    from train_corpus import WORDS, write_manifest
+
+    text = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
+            for w in WORDS[:8]]
+    data = write_manifest(tmp_path / "text.jsonl", text)
+    cfg = config(data, tmp_path / "run")
+    cfg.max_steps, cfg.save_every = 4, 2
+    train(cfg)
+    state = checkpoint.read_trainer_state(checkpoint.step_dir(tmp_path / "run" / "checkpoints", 4))
+    assert "multi_modal_projector.linear.weight" in state["stateless_params"]
+    cfg.max_steps = 6
+    train(cfg, resume=True)  # from step 4: the projector's AdamW state starts at its first gradient
+    assert [r["step"] for r in read_metrics(tmp_path / "run")][-2:] == [5, 6]

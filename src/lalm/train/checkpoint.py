@@ -133,13 +133,23 @@ def optimizer_items(optimizer: torch.optim.Optimizer, names: dict[int, str]):
                 yield f"{names[id(p)]}/{slot}", value if isinstance(value, torch.Tensor) else torch.tensor(value)
 
 
+def stateless_parameters(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[str]:
+    """Trainable parameters with no optimizer state yet: none of the steps so far gave them a
+    gradient (the projector, while every batch was text-only). Saved in state.json, so a resume
+    tells them apart from a parameter whose state is missing (another set of trainable params)."""
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"] if not optimizer.state.get(p)]
+
+
 def load_optimizer_tensors(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], names: dict[int, str], source: str
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], names: dict[int, str], source: str,
+    stateless: frozenset[str] = frozenset(),
 ) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             name = names[id(p)]
             slots = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.split("/", 1)[0] == name}
+            if not slots and name in stateless:
+                continue  # no state when saved: it gets one at its first gradient, as it would have
             if not slots:
                 raise CheckpointError(f"{source}: no optimizer state for parameter {name!r}")
             state = {}

@@ -210,7 +210,7 @@ class Trainer:
                               f"(this run has {self.cfg.optimizer})")
         self.start_step = int(state["step"])
         checkpoint.load_optimizer_tensors(self.optimizer, checkpoint.read_tensors(folder, "optimizer.safetensors"),
-                                          self.names, str(folder))
+                                          self.names, str(folder), frozenset(state.get("stateless_params", ())))
         rng = folder / "trainer" / f"rng-rank{self.d.rank}.safetensors"
         if rng.is_file():  # absent when resuming with more ranks than were saved
             checkpoint.restore_rng(checkpoint.read_tensors(folder, rng.name))
@@ -401,7 +401,8 @@ class Trainer:
             checkpoint.maybe_inject_kill(step)
             state = {"step": step, "epoch": step // self.batches_per_epoch,
                      "batch_in_epoch": step % self.batches_per_epoch, "world": d.world,
-                     "config": self.cfg.to_dict()}
+                     "config": self.cfg.to_dict(),
+                     "stateless_params": checkpoint.stateless_parameters(self.optimizer, self.names)}
             checkpoint.write_trainer_state(tmp, state, optim, params)
         distributed.barrier(d)
         checkpoint.write_rng(tmp, d.rank)
