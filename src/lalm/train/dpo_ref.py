@@ -8,6 +8,7 @@ before the first update, and keep two numbers per pair in `OUT/dpo_ref/<name>.sa
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -24,8 +25,30 @@ def cache_path(out: Path, name: str) -> Path:
 
 
 def fingerprint(manifest: str, n_records: int, init: dict) -> str:
-    return json.dumps({"manifest": str(Path(manifest).resolve()), "records": n_records, "init": init},
-                      sort_keys=True)
+    """What the reference depends on. The log-probs are stored by record index, so a manifest
+    rewritten in place (other pairs, or the same ones reordered, with the same count) must not
+    match: its bytes are hashed, not only its path and length."""
+    path = Path(manifest)
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as e:
+        raise CheckpointError(f"{manifest}: cannot read the DPO manifest ({e})") from None
+    return json.dumps({"manifest": str(path.resolve()), "manifest_sha256": digest, "records": n_records,
+                       "init": init}, sort_keys=True)
+
+
+def _same_run(stored: str | None, key: str) -> bool:
+    """Caches written before the manifest's hash was part of the key are still read on --resume
+    (they cannot be recomputed); their other fields must match."""
+    if stored is None:
+        return False
+    try:
+        old, new = json.loads(stored), json.loads(key)
+    except json.JSONDecodeError:
+        return stored == key
+    if isinstance(old, dict) and isinstance(new, dict) and "manifest_sha256" not in old:
+        new.pop("manifest_sha256", None)
+    return old == new
 
 
 def save(path: Path, chosen: torch.Tensor, rejected: torch.Tensor, key: str) -> None:
@@ -41,7 +64,7 @@ def load(path: Path, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         raise CheckpointError(f"{path}: the DPO reference log-probs of this run are missing; they cannot be "
                               "recomputed after training started (start the run again without --resume)")
     with safe_open(str(path), framework="pt") as f:
-        if f.metadata().get("fingerprint") != key:
+        if not _same_run((f.metadata() or {}).get("fingerprint"), key):
             raise CheckpointError(f"{path}: reference log-probs were computed for another manifest or model")
         return f.get_tensor("chosen"), f.get_tensor("rejected")
 

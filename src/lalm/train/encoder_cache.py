@@ -5,9 +5,16 @@ much as a decoder training pass. So `FeatureCache` runs `audio_tower` once per a
 stores the kept rows (the `num_audio_tokens` vectors per window, after AvgPool and LayerNorm,
 *before* the projector) on disk:
 
-    DIR/features.safetensors   one (sum N, d_model) fp16 tensor per shard, "shard_<k>"
+    DIR/features.safetensors   one (sum N, d_model) fp16 tensor per shard, "shard_<k>";
+                               metadata {"shards": [id of shard k, ...]}
     DIR/index.json             {"fingerprint": ..., "n_mels": 80, "d_model": 384, ["dtype": "float32",]
-                                "keys": "sha1", "items": {sha1 of the file: [shard, offset, n_tokens]}}
+                                "keys": "sha1", "shards": [id, ...],
+                                "items": {sha1 of the file: [shard, offset, n_tokens]}}
+
+The two files are replaced one after the other (each atomically), so a run killed between the
+two, or two runs writing the same folder at once, can leave an index that describes another
+features file. Every shard therefore carries a random id in both: an item is served only if its
+shard has the same id in the features file as in the index; the rest are encoded again.
 
 fp16 halves the disk and memory at a relative rounding of 2^-11 per value; `dtype=torch.float32`
 keeps the encoder's output exactly (tests compare it with the mel path). A clip the encoder
@@ -25,11 +32,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from lalm import audio as A
 from lalm.errors import CheckpointError, LalmError
@@ -74,6 +84,7 @@ class FeatureCache:
         self.fingerprint = encoder_fingerprint(tower)
         self.items: dict[str, tuple[int, int, int]] = {}  # content key -> (shard, offset, n_tokens)
         self.shards: list[torch.Tensor] = []
+        self.shard_ids: list[str] = []  # pairs index.json with features.safetensors (module docstring)
         self._keys: dict[str, str | None] = {}  # path -> content key (None: unreadable)
         self._load()
 
@@ -88,9 +99,24 @@ class FeatureCache:
         if (meta.get("fingerprint"), meta.get("n_mels"), meta.get("d_model"), meta.get("dtype", "float16"),
                 meta.get("keys")) != (self.fingerprint, self.n_mels, self.d_model, _dtype_name(self.dtype), "sha1"):
             return  # another encoder: start afresh (the files are rewritten on save)
-        tensors = load_file(str(self.folder / FEATURES))
-        self.shards = [tensors[f"shard_{k}"] for k in range(len(tensors))]
-        self.items = {p: tuple(v) for p, v in meta["items"].items()}
+        features = self.folder / FEATURES
+        if not features.is_file():
+            return  # deleted, or never written: nothing to serve
+        with safe_open(str(features), framework="pt") as f:
+            stored = json.loads((f.metadata() or {}).get("shards", "null"))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
+        shards = [tensors[f"shard_{k}"] for k in range(len(tensors))]
+        ids = meta.get("shards")
+        if ids is None and stored is None:  # written before shard ids: trusted as it was
+            ids = stored = [secrets.token_hex(8) for _ in shards]
+        if ids is None or stored is None:
+            return  # one file has ids, the other not: they were not written together
+        keep = [k for k in range(min(len(ids), len(stored), len(shards))) if ids[k] == stored[k]]
+        new = {k: i for i, k in enumerate(keep)}  # renumbered: unpaired shards are dropped
+        self.shards = [shards[k] for k in keep]
+        self.shard_ids = [stored[k] for k in keep]
+        self.items = {p: (new[s], off, n) for p, (s, off, n) in meta["items"].items()
+                      if s in new and off + n <= shards[s].shape[0]}
 
     def key(self, path: str) -> str | None:
         """The content key of an audio file (None if it cannot be read), computed once per path."""
@@ -173,6 +199,7 @@ class FeatureCache:
             return 0
         shard = len(self.shards)
         self.shards.append(torch.cat(out))
+        self.shard_ids.append(secrets.token_hex(8))
         for p, off, n in rows:
             self.items[self.key(p)] = (shard, off, n)
         self.save()
@@ -180,12 +207,24 @@ class FeatureCache:
 
     def save(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / (FEATURES + ".tmp")
-        save_file({f"shard_{k}": t.contiguous() for k, t in enumerate(self.shards)}, str(tmp))
-        tmp.replace(self.folder / FEATURES)
+        self._replace(FEATURES, lambda tmp: save_file(
+            {f"shard_{k}": t.contiguous() for k, t in enumerate(self.shards)}, str(tmp),
+            metadata={"shards": json.dumps(self.shard_ids)}))
         meta = {"fingerprint": self.fingerprint, "n_mels": self.n_mels, "d_model": self.d_model,
-                "dtype": _dtype_name(self.dtype), "keys": "sha1", "items": self.items}
-        (self.folder / INDEX).write_text(json.dumps(meta))
+                "dtype": _dtype_name(self.dtype), "keys": "sha1", "shards": self.shard_ids, "items": self.items}
+        self._replace(INDEX, lambda tmp: tmp.write_text(json.dumps(meta)))
+
+    def _replace(self, name: str, write) -> None:
+        """Write folder/name whole through a temporary file, so a kill never leaves half of it. The
+        temporary name is this process's alone: two runs sharing the folder must not write into
+        one file. On an exception (Ctrl-C included) no stray copy of the features is left behind."""
+        tmp = self.folder / f"{name}.{os.getpid()}.tmp"
+        try:
+            write(tmp)
+            tmp.replace(self.folder / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def seconds(self) -> float:
         """Audio seconds cached (25 tokens per second)."""

@@ -32,9 +32,22 @@ from lalm.weights import checkpoint_files
 _CT2_DTYPES = {0: torch.float32, 4: torch.float16, 5: torch.bfloat16}
 
 
+_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
+
+
+def _layers(names) -> int:
+    return max((int(m.group(1)) + 1 for n in names if (m := _LAYER.match(n))), default=0)
+
+
 def _assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str, partial_rows=()) -> list[str]:
     """Copy `tensors` (names relative to `module`) into it; every parameter must be covered."""
     state = module.state_dict()
+    # A deeper checkpoint covers every target tensor too; taking its first layers would feed the
+    # final norm the wrong layer's output, so it is an error, not a silent truncation.
+    have, need = _layers(tensors), _layers(state)
+    if have > need:
+        raise CheckpointError(f"{where}: the checkpoint has {have} layers, the model {need}; "
+                              "set the model's layer count to the checkpoint's")
     for name, target in state.items():
         if name not in tensors:
             raise CheckpointError(f"{where}: missing tensor for {name} (shape {list(target.shape)})")
@@ -214,7 +227,12 @@ def load_decoder(model: torch.nn.Module, path: str | Path) -> list[str]:
             out[name] = t
         elif name.startswith("language_model."):  # a Qwen2-Audio checkpoint: take its decoder
             out[name[len("language_model."):]] = t
-    if "lm_head.weight" not in out and "model.embed_tokens.weight" in out:
-        out["lm_head.weight"] = out["model.embed_tokens.weight"]  # tie_word_embeddings checkpoints
+    embed = out.get("model.embed_tokens.weight")
+    lm = model.language_model
+    # The embedding is the head when the checkpoint stores none (tie_word_embeddings), and when our
+    # model is tied: one matrix serves both names there, and copying the head after the embedding
+    # replaced the embedding table by it. The embedding wins, as in weights.load_checkpoint.
+    if embed is not None and ("lm_head.weight" not in out or lm.lm_head.weight is lm.model.embed_tokens.weight):
+        out["lm_head.weight"] = embed
     return _assign(model.language_model, out, str(path),
                    partial_rows=("model.embed_tokens.weight", "lm_head.weight"))
