@@ -24,8 +24,17 @@ COMMANDS = {
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lalm")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def _usage() -> str:
-    lines = ["usage: lalm <command> [options]", "", "commands:"]
+    lines = ["usage: lalm <command> [options]   (lalm --version: the installed version)", "", "commands:"]
     for name in COMMANDS:
         lines.append(f"  {name:<10} (lalm {name} --help)")
     return "\n".join(lines)
@@ -35,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"lalm {_version()}")
         return 0
     name = argv[0]
     if name not in COMMANDS:

@@ -93,7 +93,7 @@ class Pipeline:
         self.demo = home / ("demo" if not quick else "demo-quick")
         self.model_dir = self.demo / "model"
         self.state_file = self.demo / "state.json"
-        self.state = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+        self.state = _read_state(self.state_file)
         first = min((STEPS.index(s) for s in force), default=len(STEPS))
         self.force = set(STEPS[first:])
         self.dirty = False  # a step ran: every later step must run too
@@ -106,12 +106,24 @@ class Pipeline:
                  and all(p.exists() for p in paths))
         if fresh:
             print(f"[{step}] up to date, reused")
+        else:
+            # The step is about to rewrite its outputs, and every later step was built on them:
+            # forget their keys now, so a run stopped from here on redoes them. (Otherwise an
+            # interrupted --force left the old key over half-rewritten files, and a stage
+            # retrained on new inputs left the next stage's key matching its stale checkpoint:
+            # the next stage's key holds its init folder's path, not that stage's key.)
+            for later in STEPS[STEPS.index(step):]:
+                self.state.pop(later, None)
+            self._save_state()
         return fresh
+
+    def _save_state(self) -> None:
+        self.demo.mkdir(parents=True, exist_ok=True)
+        _write_json(self.state_file, self.state)
 
     def _done(self, step: str, key: str, seconds: float) -> None:
         self.state[step] = key
-        self.demo.mkdir(parents=True, exist_ok=True)
-        self.state_file.write_text(json.dumps(self.state, indent=1))
+        self._save_state()
         self.timings[step] = seconds
         self.dirty = True
         print(f"[{step}] done in {seconds:.0f} s")
@@ -160,18 +172,22 @@ class Pipeline:
 
         data = self.demo / "data" / stage
         prev = {"sft": "pretrain", "dpo": "sft"}.get(stage)
-        overrides = [f"data={data / 'train.jsonl'}", f"eval_data={data / 'dev.jsonl'}",
-                     f"tokenizer={self.demo / 'tokenizer'}", f"out={self.demo / 'runs' / stage}",
-                     f"feature_cache={self.demo / 'cache'}",
-                     # the CPU unless asked: a GPU would train another model than the README's
-                     # (bf16 autocast), and device is part of each stage's key, so it retrains
-                     f"device={self.device}"]
+        paths = {"data": data / "train.jsonl", "eval_data": data / "dev.jsonl",
+                 "tokenizer": self.demo / "tokenizer", "out": self.demo / "runs" / stage,
+                 "feature_cache": self.demo / "cache"}
         if prev:
-            overrides.append(f"init={self.demo / 'runs' / prev / 'final'}")
+            paths["init"] = self.demo / "runs" / prev / "final"
         else:
-            overrides.append(f"encoder_init={whisper_tiny_en()}")
+            paths["encoder_init"] = whisper_tiny_en()
         cfg = TrainConfig.load(self.recipe_dir / f"{stage}.yaml")
-        cfg.apply_overrides(overrides)
+        # Paths set as they are, not as `key=value` overrides, which YAML parses: a home such as
+        # "~/demo #2" lost everything from " #" (a comment: every stage's out was "~/demo"), and
+        # one with ": " became a mapping. Normal paths give the same strings, so the same keys.
+        for name, path in paths.items():
+            setattr(cfg, name, str(path))
+        # the CPU unless asked: a GPU would train another model than the README's
+        # (bf16 autocast), and device is part of each stage's key, so it retrains
+        cfg.apply_overrides([f"device={self.device}"])
         for k, v in self.recipe.stages.get(stage, {}).items():
             if k == "model":
                 cfg.model = v
@@ -180,11 +196,19 @@ class Pipeline:
         return cfg.validate()
 
     def train(self, stage: str) -> None:
+        import torch
+
         from lalm.tokenizer import Tokenizer
         from lalm.train.loop import train
 
         cfg = self.stage_config(stage)
-        key = _fingerprint({"cfg": {**cfg.to_dict(), "progress": None}, "data": self.state.get("data")})
+        # More torch threads than the recipe's cap train another model (README): that count is
+        # part of the key then, so `lalm demo --threads 0` and a later plain `lalm demo` do not
+        # share a checkpoint. Within the cap the arithmetic is the same: no key, older homes kept.
+        threads = torch.get_num_threads()
+        over_cap = {"threads": threads} if threads > self.recipe.threads > 0 else {}
+        key = _fingerprint({"cfg": {**cfg.to_dict(), "progress": None}, "data": self.state.get("data"),
+                            **over_cap})
         final = Path(cfg.out) / "final"
         if self._up_to_date(stage, key, final / GENERATION_CONFIG):
             return
@@ -252,12 +276,48 @@ class Pipeline:
 
         finish(self, results)
         total = time.perf_counter() - t0
-        timings = json.loads((self.demo / "timings.json").read_text()) if (self.demo / "timings.json").is_file() else {}
         if self.timings:  # a run that did work: record its per-step times for the model card
-            timings = {"steps": self.timings, "total_seconds": round(total, 1), "threads": torch.get_num_threads()}
-            (self.demo / "timings.json").write_text(json.dumps(timings, indent=1))
+            _write_json(self.demo / "timings.json", {"steps": self.timings, "total_seconds": round(total, 1),
+                                                     "threads": torch.get_num_threads()})
         print(f"\nlalm demo finished in {total:.0f} s")
         return 0
+
+
+def _write_json(path: Path, obj) -> None:
+    """Write then rename: a kill mid-write leaves the old file whole, never a torn one that
+    every later run would fail to parse."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _read_state(path: Path) -> dict:
+    """The steps' keys from an earlier run; an unreadable file (torn by an older lalm, or edited)
+    means nothing is known to be up to date, so every step is redone rather than the run failing."""
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        print(f"lalm demo: {path}: unreadable ({e}); redoing every step")
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _writable_home(home: Path) -> Path:
+    """HOME as an absolute path that exists and can be written, else a ConfigError naming it.
+    Absolute because the stages' keys hold paths under it: `--home h` and `--home $PWD/h` are the
+    same home and must not retrain each other's stages."""
+    home = home.absolute()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        probe = home / f".lalm-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{home}: cannot write the demo's artifacts there ({e.strerror or e}); "
+                          "choose another folder with --home or LALM_HOME") from None
+    return home
 
 
 def demo_threads(recipe_threads: int, cores: int) -> int:
@@ -358,4 +418,5 @@ def run(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
+    home = _writable_home(home)
     return Pipeline(home, recipe, args.quick, args.force, not args.no_progress, args.threads, args.device).run()

@@ -3,11 +3,12 @@
   lalm generate --model PATH --input in.jsonl --output out.jsonl [--batch-size 8]
                 [--max-new-tokens N] [--temperature T]
 
-Each input line is {"id": ..., "messages": [...]} (audio paths relative to the input file);
-each output line is {"id", "text", "token_ids", "logprobs", "prompt_tokens", "audio_tokens",
-"finish_reason"}. Ids already answered in the output are skipped, so an interrupted run picks up
-where it stopped. A bad line (invalid JSON, a missing field, an unreadable audio, a prompt longer
-than the context) gets {"id", "error"} and the run goes on; a rerun tries those ids again.
+Each input line is {"id": ..., "messages": [...]} (a unique id; audio paths relative to the
+input file); each output line is {"id", "text", "token_ids", "logprobs", "prompt_tokens",
+"audio_tokens", "finish_reason"}. Ids already answered in the output are skipped, so an
+interrupted run picks up where it stopped. A bad line (invalid JSON, a missing field, an
+unreadable audio, a prompt longer than the context) gets {"id", "error"} and the run goes on;
+a rerun tries those ids again.
 """
 
 from __future__ import annotations
@@ -58,37 +59,58 @@ def _relative_audio(messages: Any, base: Path) -> Any:
     return out
 
 
+def _lines(data: bytes) -> list[bytes]:
+    """JSONL lines, split on b"\n" only: str.splitlines also splits at U+2028, U+0085 and the
+    like, which json.dumps(ensure_ascii=False) leaves raw inside strings, so a valid line (a
+    generated text containing one) would come apart. Bytes, so a line a kill cut inside a
+    multi-byte character fails alone instead of the whole file failing to decode."""
+    return data.split(b"\n")
+
+
 def done_ids(output: Path) -> set[str]:
     """Ids already answered (complete lines only: a line cut by a crash is redone). Error lines
     are removed from `output` first: their ids are tried again (the audio may be fixed by now),
-    and the file keeps one line per id."""
+    and the file keeps one line per id. So is a last line a kill cut off (no newline, not JSON):
+    the id is redone, and the file stays one JSON object per line."""
     ids: set[str] = set()
     if not output.exists():
         return ids
-    lines = output.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = _lines(output.read_bytes())
     kept = []
-    for line in lines:
+    for n, line in enumerate(lines):
+        if n == len(lines) - 1 and not line:  # after the final newline
+            continue
         try:
             rec = json.loads(line)
             if "error" in rec:
                 continue
             ids.add(json.dumps(rec["id"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except ValueError:  # bad JSON or a cut UTF-8 sequence
+            if n == len(lines) - 1:
+                continue  # torn by an interruption
+        except (KeyError, TypeError):
             pass
-        kept.append(line)
-    if len(kept) < len(lines):
+        kept.append(line + b"\n")
+    if b"".join(kept) != b"\n".join(lines):
         tmp = output.with_name(output.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.write_bytes(b"".join(kept))
         tmp.replace(output)  # atomic: a kill here leaves the old file or the new, never half
     return ids
 
 
 def read_input(path: Path) -> list[tuple[Any, Any]]:
-    """(id, messages or an error string) per non-empty line."""
+    """(id, messages or an error string) per non-empty line. An id given twice is refused: the
+    output has one line per id, and a rerun could not tell which of the two was answered."""
     if not path.is_file():
         raise ConfigError(f"{path}: no such input file")
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    first_line: dict[str, int] = {}
+    for n, raw in enumerate(_lines(path.read_bytes()), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            items.append((f"line {n}", f"{path}:{n}: not UTF-8 ({e.reason} at byte {e.start})"))
+            continue
         if not line.strip():
             continue
         try:
@@ -98,11 +120,30 @@ def read_input(path: Path) -> list[tuple[Any, Any]]:
             continue
         if not isinstance(d, dict) or "id" not in d:
             items.append((f"line {n}", f"{path}:{n}: a line needs an \"id\" and \"messages\""))
-        elif "messages" not in d:
+            continue
+        key = json.dumps(d["id"])
+        if key in first_line:
+            raise ConfigError(f"{path}:{n}: id {key} is also on line {first_line[key]}; "
+                              "ids must be unique (each names one output line)")
+        first_line[key] = n
+        if "messages" not in d:
             items.append((d["id"], f"{path}:{n}: no \"messages\""))
         else:
             items.append((d["id"], _relative_audio(d["messages"], path.parent)))
     return items
+
+
+def _check_output(output: Path) -> None:
+    """Refuse an output that cannot be written before the model loads (minutes for a 7B),
+    not after; the folder is made here. A probe file that was not there is removed again."""
+    existed = output.exists()
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.open("ab").close()
+        if not existed:
+            output.unlink()
+    except OSError as e:
+        raise ConfigError(f"--output {output}: cannot write there ({e.strerror or e})") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,7 +154,11 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     given = decoding_options(args)
-    items = read_input(args.input)
+    try:
+        items = read_input(args.input)
+    except OSError as e:
+        raise ConfigError(f"--input {args.input}: cannot read it ({e.strerror or e})") from None
+    _check_output(args.output)
     skip = done_ids(args.output)
     todo = [(i, m) for i, m in items if json.dumps(i) not in skip]
     if not todo:
@@ -121,7 +166,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     model = lalm.load(args.model, dtype=args.dtype, device=args.device)
     options = model.options(**given)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     n_err = 0
     with args.output.open("a", encoding="utf-8") as out, tqdm(total=len(todo), unit="conv",
                                                               file=sys.stderr) as bar:
