@@ -3,6 +3,10 @@
 Decoding uses soundfile (libsndfile >= 1.1: wav, flac, ogg/vorbis/opus, mp3; no ffmpeg),
 resampling uses soxr (HQ), channels are downmixed by their mean, and integer PCM is scaled to
 [-1, 1) float32 (soundfile does this for files; for arrays int16 / 2**15, int32 / 2**31).
+For files this is sample for sample what the Qwen2-Audio README's `librosa.load(path,
+sr=16000)` returns (librosa >= 0.10: soundfile float32, mean of channels, then soxr HQ, then
+zero-padded to ceil(n * 16000 / rate) samples). The official eval scripts decode with ffmpeg
+(`ffmpeg_read`) instead, whose resampler gives slightly different samples and lengths.
 
 `log_mel` equals transformers' `WhisperFeatureExtractor(padding="max_length")` (spec section 1)
 but only on the frames the model uses: the `L_mel = ceil(n / 160)` valid frames plus the
@@ -120,10 +124,28 @@ def _to_mono_16k(array: np.ndarray, rate: int, name: str, channels_last: bool = 
     if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
         raise AudioError(f"{name}: invalid sampling rate {rate!r}")
     if rate != SAMPLE_RATE:
+        n_in = array.size
         array = soxr.resample(array, int(rate), SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
         if array.size == 0:  # e.g. 1 sample at 48 kHz
             raise AudioError(f"{name}: contains no audio samples at 16 kHz (too short at {rate} Hz)")
+        array = _librosa_length(array, n_in, int(rate))
     return np.ascontiguousarray(array)
+
+
+def _librosa_length(resampled: np.ndarray, n_in: int, rate: int) -> np.ndarray:
+    """Zero-pad (or trim) soxr's output to librosa.resample's length, ceil(n * 16000 / rate).
+
+    soxr rounds the output length while librosa (`fix=True`, what the official pipeline's
+    `librosa.load(sr=16000)` runs after the very same soxr HQ call) pads it with zeros to the
+    ceiling. The sample lost is a mel frame lost (L_mel = ceil(n / 160)) for about 1 length in
+    300-500 (44.1 / 48 kHz), and then an audio token lost for a quarter of those: ids and the
+    encoder's valid length would differ from transformers fed by librosa. The float formula is
+    librosa's own.
+    """
+    target = int(np.ceil(n_in * (float(SAMPLE_RATE) / rate)))
+    if resampled.size < target:
+        return np.pad(resampled, (0, target - resampled.size))
+    return resampled[:target]
 
 
 def load_audio(src: Any) -> np.ndarray:

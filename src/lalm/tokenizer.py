@@ -232,9 +232,16 @@ class StreamDecoder:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
+        # int() first: a 0-d torch tensor hashes by identity, so `tensor(151645) in special_ids`
+        # is False and <|im_end|> would be streamed as text.
+        token_id = int(token_id)
         if self.skip_special_tokens and token_id in self.tokenizer.special_ids:
             return ""
-        return self._utf8.decode(self.tokenizer.token_bytes(int(token_id)))
+        if self.tokenizer.tk.id_to_token(token_id) is None:
+            # an id past the tokenizer (the 7B checkpoint's embedding has 156032 rows for 151649
+            # tokens): `decode` (tokenizers, transformers) drops it, so streaming must too
+            return ""
+        return self._utf8.decode(self.tokenizer.token_bytes(token_id))
 
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)
