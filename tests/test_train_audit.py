@@ -1,5 +1,5 @@
-"""Audit of the training helpers: the feature cache after a kill, the DPO reference key, and what
-the importers must refuse or tie.
+"""Audit of the training helpers: the feature cache after a kill, and the DPO reference key
+(the importers' refusals are in test_train_importers.py).
 
     .venv/bin/pytest -q tests/test_train_audit.py
 """
@@ -20,14 +20,10 @@ from train_corpus import (
     write_manifest,
 )
 
-from lalm.config import ModelConfig
 from lalm.errors import CheckpointError
-from lalm.model import Qwen2AudioForConditionalGeneration
-from lalm.train import build, dpo_ref, importers
+from lalm.train import build, dpo_ref
 from lalm.train.config import TrainConfig
 from lalm.train.encoder_cache import INDEX, FeatureCache
-
-transformers = pytest.importorskip("transformers")
 
 # --- feature cache ------------------------------------------------------------------------------
 
@@ -149,53 +145,3 @@ def test_dpo_reference_written_before_the_manifest_hash_still_resumes(tmp_path):
     assert dpo_ref.load(path, dpo_ref.fingerprint(str(manifest), 1, init))[1].tolist() == [2.0]
     with pytest.raises(CheckpointError):
         dpo_ref.load(path, dpo_ref.fingerprint(str(manifest), 2, init))
-
-
-# --- importers ------------------------------------------------------------------------------------
-
-AUDIO = {"num_mel_bins": 80, "d_model": 32, "encoder_layers": 2, "encoder_attention_heads": 2,
-         "encoder_ffn_dim": 64}
-TEXT = {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2}
-
-
-def our_model(**text) -> Qwen2AudioForConditionalGeneration:
-    torch.manual_seed(0)
-    return Qwen2AudioForConditionalGeneration(ModelConfig.preset("test-tiny", audio=AUDIO, text={**TEXT, **text},
-                                                                 audio_token_index=290))
-
-
-def test_deeper_whisper_encoder_is_refused_not_truncated(tmp_path):
-    """Every tensor of a 2-layer tower is in a 3-layer Whisper too: it used to load its first two
-    layers silently, under a final LayerNorm trained on the third's output."""
-    cfg = transformers.WhisperConfig(vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                                     decoder_start_token_id=3, num_mel_bins=80, d_model=32, encoder_layers=3,
-                                     encoder_attention_heads=2, encoder_ffn_dim=64, decoder_layers=1,
-                                     decoder_attention_heads=2, decoder_ffn_dim=64, max_source_positions=1500,
-                                     max_target_positions=32)
-    transformers.WhisperForConditionalGeneration(cfg).save_pretrained(str(tmp_path))
-    with pytest.raises(CheckpointError, match="3 layers, the model 2"):
-        importers.load_encoder(our_model(), tmp_path)
-
-
-def test_deeper_qwen2_decoder_is_refused_not_truncated(tmp_path):
-    q = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**TEXT, "num_hidden_layers": 3},
-                                                               max_position_embeddings=256))
-    q.save_pretrained(str(tmp_path))
-    with pytest.raises(CheckpointError, match="3 layers, the model 2"):
-        importers.load_decoder(our_model(), tmp_path)
-
-
-def test_untied_qwen2_into_a_tied_model_keeps_the_embedding(tmp_path):
-    """Our tied model has one matrix for both names: the head was copied last and replaced the
-    embedding table. The embedding wins, as in transformers and lalm.weights."""
-    torch.manual_seed(3)
-    q = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TEXT, tie_word_embeddings=False,
-                                                               max_position_embeddings=256))
-    q.save_pretrained(str(tmp_path))
-    model = our_model(tie_word_embeddings=True)
-    importers.load_decoder(model, tmp_path)
-    lm = model.language_model
-    assert lm.lm_head.weight is lm.model.embed_tokens.weight
-    assert torch.equal(lm.model.embed_tokens.weight, q.model.embed_tokens.weight)
-

@@ -188,3 +188,39 @@ def test_train_config_initialises_encoder_from_whisper(whisper, tmp_path):
     model = build_model(cfg, build_tokenizer(cfg))
     assert_encoder_equals(model, state)
     assert np.isclose(float(model.language_model.model.embed_tokens.weight.detach().std()), 0.02, atol=0.005)
+
+
+def test_deeper_whisper_encoder_is_refused_not_truncated(tmp_path):
+    """Every tensor of a 2-layer tower is in a 3-layer Whisper too: it used to load its first two
+    layers silently, under a final LayerNorm trained on the third's output."""
+    cfg = transformers.WhisperConfig(vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                     decoder_start_token_id=3, num_mel_bins=80, d_model=32, encoder_layers=3,
+                                     encoder_attention_heads=2, encoder_ffn_dim=64, decoder_layers=1,
+                                     decoder_attention_heads=2, decoder_ffn_dim=64, max_source_positions=1500,
+                                     max_target_positions=32)
+    transformers.WhisperForConditionalGeneration(cfg).save_pretrained(str(tmp_path))
+    with pytest.raises(CheckpointError, match="3 layers, the model 2"):
+        importers.load_encoder(our_model(), tmp_path)
+
+
+def test_deeper_qwen2_decoder_is_refused_not_truncated(tmp_path):
+    q = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**TEXT, "num_hidden_layers": 3},
+                                                               max_position_embeddings=256))
+    q.save_pretrained(str(tmp_path))
+    with pytest.raises(CheckpointError, match="3 layers, the model 2"):
+        importers.load_decoder(our_model(), tmp_path)
+
+
+def test_untied_qwen2_into_a_tied_model_keeps_the_embedding(tmp_path):
+    """Our tied model has one matrix for both names: the head was copied last and replaced the
+    embedding table. The embedding wins, as in transformers and lalm.weights."""
+    torch.manual_seed(3)
+    q = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TEXT, tie_word_embeddings=False,
+                                                               max_position_embeddings=256))
+    q.save_pretrained(str(tmp_path))
+    model = our_model(tie_word_embeddings=True)
+    importers.load_decoder(model, tmp_path)
+    lm = model.language_model
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight
+    assert torch.equal(lm.model.embed_tokens.weight, q.model.embed_tokens.weight)
+
