@@ -316,6 +316,10 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         if language and not re.fullmatch(r"[A-Za-z]{2,3}", language):
             raise APIError(400, f"language: {language!r} is not an ISO-639-1 code", "language")
         temperature = _float_field(form, "temperature", 0.0, 0.0, 2.0)
+        if (_field(form, "stream") or "false").lower() != "false":
+            # Answered with JSON, the SDK's stream=True reads it as an empty event stream.
+            raise APIError(400, "stream: streamed transcriptions are not supported by this "
+                           "server", "stream", "unsupported_parameter")
         # OpenAI's `prompt` steers a Whisper decoder's style; our ASR prompt is the one the
         # model was trained with, so `prompt` is accepted and not used.
         raw = await upload.read()

@@ -44,7 +44,10 @@ class LALMBackend:
         return Prepared(prompt=example, prompt_tokens=len(example))
 
     def token_text(self, token: int) -> str:
-        return self.lalm.tokenizer.token_bytes(int(token)).decode("utf-8", errors="replace")
+        return self.token_bytes(token).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.lalm.tokenizer.token_bytes(int(token))
 
     # ---- engine thread ----
     def can_add(self, rows: list[tuple[Prepared, Options]]) -> bool:

@@ -86,6 +86,8 @@ class Backend(Protocol):
 
     def token_text(self, token: int) -> str: ...
 
+    def token_bytes(self, token: int) -> bytes: ...
+
 
 class QueueFull(Exception):
     pass
@@ -331,8 +333,11 @@ class Engine:
 
     def _logprob_entry(self, u: Update, top_n: int) -> dict:
         def entry(token: int, lp: float) -> dict:
-            t = self.backend.token_text(token)
-            return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+            # `bytes` must be the token's own bytes: a byte-level token holding part of a
+            # character has text "\ufffd", whose UTF-8 is not what the token adds to the
+            # answer, and clients join `bytes` to rebuild characters split across tokens.
+            raw = self.backend.token_bytes(token)
+            return {"token": self.backend.token_text(token), "logprob": lp, "bytes": list(raw)}
 
         e = entry(u.token, u.logprob)
         e["top_logprobs"] = [entry(t, lp) for t, lp in u.top[:top_n]]

@@ -223,12 +223,65 @@ def _check_strings(body: Any) -> None:
                 ) from None
 
 
+# Fields OpenAI or vLLM accept that change the answer and that this server cannot honour,
+# with the values that ask for nothing (what clients forwarding their defaults send).
+# Anything else is a 400 naming the field: dropping it, as unknown keys are, would return
+# free text where JSON, a tool call, a penalty or audio output was asked for.
+_NEUTRAL: dict[str, tuple] = {
+    "response_format": (None, {"type": "text"}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "modalities": (None, ["text"]),
+    "audio": (None,),  # spoken output
+    # vLLM's own sampling and structured-output fields
+    "top_k": (None, 0, -1),
+    "min_p": (None, 0),
+    "repetition_penalty": (None, 1),
+    "min_tokens": (None, 0),
+    "ignore_eos": (None, False),
+    "use_beam_search": (None, False),
+    "best_of": (None, 1),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+}
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    def refuse(name: str, why: str) -> None:
+        raise APIError(400, f"{name}: {why}", name, "unsupported_parameter")
+
+    for tools, choice in (("tools", "tool_choice"), ("functions", "function_call")):
+        # tool_choice "none" asks for plain text even with tools listed: that we can do.
+        if body.get(tools) and body.get(choice) != "none":
+            refuse(tools, "tool calling is not supported by this server (leave out "
+                   f"{tools}, or send {choice}='none')")
+        if body.get(choice) not in (None, "none", "auto"):
+            refuse(choice, "tool calling is not supported by this server")
+    for name, neutral in _NEUTRAL.items():
+        value = body.get(name)
+        if not any(_same(value, v) for v in neutral):
+            refuse(name, f"{value!r} is not supported by this server"
+                   + (" (only {'type': 'text'})" if name == "response_format" else ""))
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    # `is` for None and bools, and no bool for a number: True == 1 and False == 0 in Python.
+    if neutral is None or isinstance(neutral, bool):
+        return value is neutral
+    return value == neutral and not isinstance(value, bool)
+
+
 def parse_chat_request(raw: bytes) -> ChatRequest:
     body = parse_json_body(raw)
     try:
-        return ChatRequest.model_validate(body)
+        req = ChatRequest.model_validate(body)
     except ValidationError as e:
         raise _validation_error(e) from None
+    _refuse_unsupported(body)
+    return req
 
 
 TranscriptionFormat = Literal["json", "text"]
