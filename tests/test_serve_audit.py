@@ -133,3 +133,14 @@ def test_streamed_transcription_is_refused(client):
     r = client.audio.transcriptions.create(model="fake", file=("a.wav", wav_bytes()),
                                            stream=False)
     assert r.text
+
+
+def test_ids_past_the_tokenizer_have_no_bytes_not_an_error(tiny):
+    """An id between the tokenizer's size and the embedding's (the 7B has 4,383 such ids) in
+    top_logprobs raised ValueError in the engine thread, failing the request."""
+    from lalm.serve.backend import LALMBackend
+
+    backend = LALMBackend(tiny)
+    n = tiny.tokenizer.vocab_size
+    assert backend.token_bytes(n) == b"" and backend.token_text(n + 7) == ""
+    assert backend.token_bytes(tiny.tokenizer.im_end_id) == b"<|im_end|>"

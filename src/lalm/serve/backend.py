@@ -47,7 +47,12 @@ class LALMBackend:
         return self.token_bytes(token).decode("utf-8", errors="replace")
 
     def token_bytes(self, token: int) -> bytes:
-        return self.lalm.tokenizer.token_bytes(int(token))
+        tok = self.lalm.tokenizer
+        # The released 7B has 156,032 embedding rows for 151,649 tokenizer ids: an id in that gap
+        # (among top_logprobs, say) stands for no text, as decode() drops it; not an error.
+        if not 0 <= int(token) < tok.vocab_size:
+            return b""
+        return tok.token_bytes(int(token))
 
     # ---- engine thread ----
     def can_add(self, rows: list[tuple[Prepared, Options]]) -> bool:
