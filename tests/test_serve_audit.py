@@ -59,8 +59,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
     ({"logit_bias": {"15": 100}}, "logit_bias"),
     ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}},
      "modalities"),
-    ({"extra_body": {"top_k": 5}}, "top_k"),
-    ({"extra_body": {"repetition_penalty": 1.3}}, "repetition_penalty"),
+    ({"extra_body": {"min_p": 0.1}}, "min_p"),
     ({"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
 ])
 def test_fields_that_change_the_answer_are_refused_not_ignored(client, kwargs, param):
@@ -144,3 +143,21 @@ def test_ids_past_the_tokenizer_have_no_bytes_not_an_error(tiny):
     n = tiny.tokenizer.vocab_size
     assert backend.token_bytes(n) == b"" and backend.token_text(n + 7) == ""
     assert backend.token_bytes(tiny.tokenizer.im_end_id) == b"<|im_end|>"
+
+
+def test_vllm_extras_reach_the_engine_with_vllms_meanings():
+    """top_k -1 is vLLM's "off" (lalm's 0); min_tokens above max_tokens is a 400."""
+    seen = []
+
+    class Recording(FakeBackend):
+        def add(self, rows):
+            seen.extend(o for _, _, o in rows)
+            return super().add(rows)
+
+    with background_server(create_app(Engine(Recording()), ServerConfig())) as url:
+        c = _client(url)
+        c.chat.completions.create(model="fake", messages=MSGS, max_tokens=6,
+                                  extra_body={"top_k": -1, "repetition_penalty": 1.3, "min_tokens": 4})
+        with pytest.raises(openai.BadRequestError, match="min_tokens"):
+            c.chat.completions.create(model="fake", messages=MSGS, max_tokens=3, extra_body={"min_tokens": 4})
+    assert (seen[0].top_k, seen[0].repetition_penalty, seen[0].min_tokens) == (0, 1.3, 4)

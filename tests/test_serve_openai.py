@@ -23,7 +23,7 @@ sf = pytest.importorskip("soundfile")
 from lalm.serve.app import ServerConfig, create_app
 from lalm.serve.backend import LALMBackend
 from lalm.serve.cli import background_server
-from lalm.serve.engine import Engine
+from lalm.serve.engine import Engine, Options
 from lalm.serve.fake import tiny_random_checkpoint
 
 KEY = "sk-lalm-test"
@@ -180,3 +180,28 @@ def test_transcription_with_a_base_model_raw_prompt(server):
     (ref,) = model.generate({"prompt": raw + "<|fr|>", "audios": [wav]}, max_new_tokens=16,
                             temperature=0)
     assert t.text == ref.text.strip()
+
+
+def test_vllm_sampling_extras_decode_as_the_library(server):
+    """top_k, repetition_penalty and min_tokens (vLLM's fields, sent in the SDK's extra_body)
+    reach the model: each answer equals the library's with the same option."""
+    client, model, _ = server
+    conv = [{"role": "user", "content": "Question 7: tell me more tell me more"}]
+
+    def lib(**kw):
+        return model.generate(conv, max_new_tokens=12, **kw)[0]
+
+    def api(**kw):
+        return client.chat.completions.create(model="tiny-serve", messages=conv, max_tokens=12, **kw)
+
+    greedy = lib(temperature=0)
+    penalised = lib(temperature=0, repetition_penalty=1.8)
+    assert penalised.token_ids != greedy.token_ids  # else the next line would prove nothing
+    assert api(temperature=0, extra_body={"repetition_penalty": 1.8}).choices[0].message.content == penalised.text
+    # top_k 1 keeps the argmax alone: a hot, seeded sample is then the greedy answer
+    assert api(temperature=1.5, seed=3).choices[0].message.content != greedy.text
+    assert api(temperature=1.5, seed=3, extra_body={"top_k": 1}).choices[0].message.content == greedy.text
+    # min_tokens: the engine's row holds it (its effect on stop tokens is generate's, tested there)
+    backend = LALMBackend(model)
+    row = backend._row(0, backend.prepare(conv), Options(max_new_tokens=8, min_tokens=5))
+    assert row.options.min_new_tokens == 5

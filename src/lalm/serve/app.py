@@ -180,6 +180,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
             stop=tuple(req.stop_list()),
             logprobs=req.logprobs,
             top_logprobs=req.top_logprobs or 0,
+            top_k=None if req.top_k is None else max(req.top_k, 0),  # vLLM's -1 (off) is lalm's 0
+            repetition_penalty=req.repetition_penalty,
+            min_tokens=req.min_tokens or 0,
         )
 
     def submit_all(prepared, options: list[Options]):

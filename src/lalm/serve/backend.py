@@ -66,6 +66,7 @@ class LALMBackend:
         options = self.lalm.options(
             max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=o.top_p,
             seed=o.seed, stop=list(o.stop) or None, top_logprobs=o.top_logprobs or 0,
+            top_k=o.top_k, repetition_penalty=o.repetition_penalty, min_new_tokens=o.min_tokens or None,
             num_beams=1)  # one sequence per request: a checkpoint's num_beams is for offline decoding
         return gen.Row(options=options, key=key, audio_tokens=prepared.prompt.audio_tokens,
                        stream=gen.TextStream(self.lalm.tokenizer))

@@ -40,6 +40,9 @@ class Options:
     stop: tuple[str, ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    top_k: int | None = None  # None: the checkpoint's default; 0: off
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
 
 
 @dataclass

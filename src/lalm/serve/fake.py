@@ -91,7 +91,8 @@ class FakeBackend:
         for key, prepared, o in rows:
             options = gen.SamplingOptions(
                 max_new_tokens=o.max_new_tokens, temperature=o.temperature or 0.0,
-                top_p=o.top_p or 1.0, seed=o.seed, stop=o.stop, stop_token_ids=(0,))
+                top_p=o.top_p or 1.0, top_k=o.top_k or 0, repetition_penalty=o.repetition_penalty or 1.0,
+                min_new_tokens=o.min_tokens, seed=o.seed, stop=o.stop, stop_token_ids=(0,))
             row = gen.Row(options=options, key=prepared.prompt, stream=gen.TextStream(self))
             row.prompt_ids = [0] * prepared.prompt_tokens
             row.max_new_tokens = min(o.max_new_tokens, self.max_context - prepared.prompt_tokens)

@@ -121,6 +121,12 @@ class ChatRequest(_Strict):
     n: int = Field(default=1, ge=1, le=16)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # vLLM's sampling extras (the OpenAI SDK sends them in extra_body), with vLLM's meanings:
+    # top_k -1 or 0 = off; repetition_penalty on prompt and output tokens, 1 = off; min_tokens
+    # before a stop token may end the answer. None: the checkpoint's generation_config.
+    top_k: int | None = Field(default=None, ge=-1)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    min_tokens: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -135,6 +141,9 @@ class ChatRequest(_Strict):
             raise ValueError("stop: stop sequences must not be empty")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs=true")
+        wanted = self.max_new_tokens()
+        if self.min_tokens and wanted is not None and self.min_tokens > wanted:
+            raise ValueError(f"min_tokens: {self.min_tokens} is more than max_tokens ({wanted})")
         return self
 
     def stop_list(self) -> list[str]:
@@ -234,11 +243,9 @@ _NEUTRAL: dict[str, tuple] = {
     "logit_bias": (None, {}),
     "modalities": (None, ["text"]),
     "audio": (None,),  # spoken output
-    # vLLM's own sampling and structured-output fields
-    "top_k": (None, 0, -1),
+    # vLLM's own sampling and structured-output fields (top_k, repetition_penalty and
+    # min_tokens are honoured: ChatRequest)
     "min_p": (None, 0),
-    "repetition_penalty": (None, 1),
-    "min_tokens": (None, 0),
     "ignore_eos": (None, False),
     "use_beam_search": (None, False),
     "best_of": (None, 1),
