@@ -16,7 +16,8 @@ The official ASR chain, per (reference, hypothesis) pair (spec section 6):
   4. `zh` and `yue` are scored per character (tokens joined, then split into characters).
 
 The Whisper normalisers come from the `whisper-normalizer` package, as the official script
-vendors. speechio's `cn_tn.py` is not on PyPI, so `ChineseTextNorm` below re-implements what
+vendors, less four contractions that package added to Whisper's English list (see
+`_NOT_IN_WHISPER`). speechio's `cn_tn.py` is not on PyPI, so `ChineseTextNorm` below re-implements what
 `TextNorm()` does with every option off: the non-standard-word rewrite (dates, money, phone
 numbers, fractions, percentages, numbers with a measure word, digit strings, plain numbers
 -> Chinese numerals, in that order, each stage finding its matches then rewriting the first
@@ -198,13 +199,22 @@ def chinese_text_norm(text: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # The per-language chain and the evaluation tokenizer.
 # ----------------------------------------------------------------------------------------------
+# Contractions the PyPI `whisper-normalizer` (0.1.x) expands but OpenAI Whisper's
+# normalizers/english.py, which Qwen2-Audio's eval_audio vendors ("borrowed from Whisper",
+# EVALUATION.md), does not: with them "kinda" scores as two words and "cause" == "because".
+_NOT_IN_WHISPER = (r"\bkinda\b", r"\bsorta\b", r"\bdunno\b", r"\bcause\b")
+
+
 @lru_cache(maxsize=1)
 def _whisper_normalizers():
     # Imported lazily: only scoring needs the eval extra.
     from whisper_normalizer.basic import BasicTextNormalizer
     from whisper_normalizer.english import EnglishTextNormalizer
 
-    return EnglishTextNormalizer(), BasicTextNormalizer()
+    english = EnglishTextNormalizer()
+    for pattern in _NOT_IN_WHISPER:
+        english.replacers.pop(pattern, None)
+    return english, BasicTextNormalizer()
 
 
 def english_normalize(text: str) -> str:
