@@ -380,11 +380,13 @@ class DecodeState:
             tokens.append(sample(logits[i], opts, row.generator, row.seen, len(row.tokens)))
         index = torch.tensor(tokens, dtype=torch.long, device=logits.device)  # (n,)
         chosen = logits.gather(1, index[:, None])[:, 0] - lse  # (n,); masked ids are never chosen
+        # One read of the positions, not int(next_pos[slot]) per row: on a GPU each is a sync.
+        next_pos = self.next_pos[slots.start: slots.stop].tolist()
         for i, (slot, lp) in enumerate(zip(slots, chosen.tolist())):
             row = self.rows[slot]
             if i in tops:
                 row.top_logprobs.append(tops[i])
-            context_left = self.max_positions - int(self.next_pos[slot]) - 1
+            context_left = self.max_positions - next_pos[i] - 1
             row.accept(tokens[i], lp, context_left)
         self.last[slots.start: slots.stop] = index
 
@@ -428,7 +430,10 @@ class DecodeState:
         src = slice(0, pos) if d > 0 else slice(-d, pos)
         dst = slice(d, pos + d) if d > 0 else slice(0, pos + d)
         for t in (self.cache.k, self.cache.v):
-            t[:, :n, :, dst] = t[:, :n, :, src].clone()
+            # A layer at a time: one clone of every layer's live rows would briefly double the
+            # live cache, an out-of-memory error on a GPU sized for its cache (`lalm serve`).
+            for layer in t:
+                layer[:n, :, dst] = layer[:n, :, src].clone()
         self.mask[:n, dst] = self.mask[:n, src].clone()
         if d > 0:
             self.mask[:n, :d] = False

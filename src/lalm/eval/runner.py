@@ -130,7 +130,14 @@ def _dist():
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            # Bind this rank's GPU (as the cli loads the model: cuda:LOCAL_RANK). Unbound, NCCL's
+            # barrier runs on the current device, cuda:0 on every rank, and hangs there.
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     return rank, world, dist
 
 

@@ -191,7 +191,11 @@ def rng_tensors() -> dict[str, torch.Tensor]:
 def restore_rng(t: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(t["torch"])
     if torch.cuda.is_available():
-        states = [t[k] for k in sorted(k for k in t if k.startswith("cuda"))]
+        # By device index, not by name ("cuda10" sorts before "cuda2" as text), and only for the
+        # devices this process sees: a run saved where 8 GPUs were visible may resume on 4, and
+        # set_rng_state_all would fail on the first state past the last device.
+        saved = sum(k.startswith("cuda") for k in t)
+        states = [t[f"cuda{i}"] for i in range(min(saved, torch.cuda.device_count()))]
         if states:
             torch.cuda.set_rng_state_all(states)
     pos, has_gauss = t["numpy_meta"].tolist()

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from lalm.errors import ConfigError
+
 
 @dataclass
 class Dist:
@@ -37,6 +39,11 @@ def setup(device: str = "auto") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # Anything else ("cuda:0", "gpu", "mps") used to fall through to a CPU run without a word.
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device: {device!r} is not auto, cpu or cuda (torchrun's LOCAL_RANK picks the GPU)")
+    if device == "cuda" and not torch.cuda.is_available():  # else torch's own error, from set_device
+        raise ConfigError("device: cuda, but torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -102,15 +109,19 @@ def broadcast_parameters(d: Dist, model: torch.nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
-def apply_fsdp(model: torch.nn.Module) -> None:
-    """FSDP2: shard each encoder and decoder block, then the rest (embeddings, head) at the root."""
+def apply_fsdp(model: torch.nn.Module, device: torch.device | None = None) -> None:
+    """FSDP2: shard each encoder and decoder block, then the rest (embeddings, head) at the root,
+    onto `device`'s type. fully_shard's own default mesh is the build's accelerator, so a CPU run
+    (gloo) on a CUDA build would have had its shards moved to a GPU beside CPU batches."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),)) if device is not None else None
     for layer in model.audio_tower.layers:
-        fully_shard(layer)
+        fully_shard(layer, mesh=mesh)
     for layer in model.language_model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer):

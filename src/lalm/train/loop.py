@@ -139,7 +139,7 @@ class Trainer:
         if self.use_fsdp:
             from torch.distributed.fsdp import register_fsdp_forward_method
 
-            distributed.apply_fsdp(model)  # moves each rank's shards to its device: no full copy there
+            distributed.apply_fsdp(model, d.device)  # moves each rank's shards to its device: no full copy there
             register_fsdp_forward_method(model, "hidden_states")  # the loop calls it, not forward()
         else:
             model.to(d.device)
