@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import socket
 import threading
@@ -72,8 +73,6 @@ def run(args: argparse.Namespace) -> int:
     if not (args.fake or args.model):
         raise ConfigError("--model PATH is required (or --fake)")
 
-    import uvicorn
-
     from lalm.serve.app import ServerConfig, create_app
     from lalm.serve.engine import Engine
     from lalm.serve.media import MediaPolicy
@@ -109,9 +108,29 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(Engine(backend, max_batch=args.max_batch, max_queue=args.max_queue,
                             max_prefill_tokens=args.max_prefill_tokens), config)
     print(f"lalm serve: {backend.model_name} on http://{args.host}:{args.port}/", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
-                timeout_graceful_shutdown=int(args.shutdown_grace))
-    return 0
+    server = _server(app, host=args.host, port=args.port, log_level="info")
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled
+        server.run()
+    return 0 if server.started else 3  # uvicorn.run's exit code for a failed start (port taken)
+
+
+def _server(app, grace_s: float | None = None, **config):
+    """A uvicorn.Server for `app` whose shutdown (Ctrl-C, SIGTERM) stops the engine first.
+
+    uvicorn ends the lifespan (where the app stops the engine) only after its own wait for
+    open requests, and cancels those still open when that wait times out: a bare 500 or a
+    cut stream, and queued requests kept running. Stopped first, the engine 503s what waits
+    at once and what still decodes at the grace deadline, before uvicorn's wait runs out."""
+    import uvicorn
+
+    grace = app.state.config.shutdown_grace_s if grace_s is None else grace_s
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            app.state.engine.stop(grace)
+            await super().shutdown(sockets)
+
+    return Server(uvicorn.Config(app, timeout_graceful_shutdown=math.ceil(grace) + 2, **config))
 
 
 @contextlib.contextmanager
@@ -121,12 +140,11 @@ def background_server(app, host: str = "127.0.0.1") -> Iterator[str]:
     For tests and bench/serve.py: the real server stack (HTTP parsing, streaming,
     disconnects), not an in-process shortcut.
     """
-    import uvicorn
-
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    # Tests end within 5 s even with an answer still running (uvicorn's wait used to be 5 s).
+    server = _server(app, min(app.state.config.shutdown_grace_s, 5.0), log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

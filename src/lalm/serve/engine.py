@@ -166,6 +166,8 @@ class Engine:
         self._admitting = 0
         self._keys = itertools.count()
         self._stopping = False
+        self._stop_message = "the server is shutting down"
+        self._admitted: list[_Request] = []  # the rows `_admitting` counts
         self._deadline: float | None = None
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run (tests read it to see batching happen)
@@ -178,15 +180,21 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, name="lalm-engine", daemon=True)
             self._thread.start()
 
-    def shutdown(self, grace_s: float = 30.0) -> None:
-        """Refuse new work, fail what waits, let running rows finish for `grace_s`, then fail them."""
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Refuse new work, fail what waits, let running rows finish for `grace_s`, then fail
+        them; returns at once. A second call keeps the earlier deadline."""
         with self._cv:
             self._stopping = True
-            self._deadline = time.monotonic() + grace_s
+            deadline = time.monotonic() + grace_s
+            self._deadline = min(deadline, self._deadline or deadline)
             waiting, self._waiting = self._waiting, []
             self._cv.notify_all()
         for r in waiting:
             self._finish(r, Failed("the server is shutting down", 503))
+
+    def shutdown(self, grace_s: float = 30.0) -> None:
+        """`stop`, then wait for the engine thread to end."""
+        self.stop(grace_s)
         if self._thread is not None:
             self._thread.join(grace_s + 5.0)
             self._thread = None
@@ -207,7 +215,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         with self._cv:
             if self._stopping:
-                raise ShuttingDown("the server is shutting down")
+                raise ShuttingDown(self._stop_message)
             free_rows = max(0, self.max_batch - len(self._running) - self._admitting)
             if len(self._waiting) >= self.max_queue + free_rows:
                 raise QueueFull(
@@ -225,6 +233,23 @@ class Engine:
 
     # ---- the engine thread ----
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException:
+            # Backend errors are caught per batch in `_serve`; this is anything else (a
+            # BaseException, a bug here). Nothing would answer the requests any more: fail
+            # them all and refuse new ones, rather than let every client wait forever.
+            log.critical("the engine thread died", exc_info=True)
+            with self._cv:
+                self._stopping = True
+                self._stop_message = "the engine stopped after an internal error"
+                rows = self._waiting + list(self._running.values()) + self._admitted
+                self._waiting, self._admitted, self._admitting = [], [], 0
+                self._running.clear()
+            for r in rows:
+                self._finish(r, Failed(self._stop_message))
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 while not (self._waiting or self._running or self._stopping):
@@ -246,12 +271,13 @@ class Engine:
                     admitted = []
                     self._finish(self._waiting.pop(0), Failed("internal error in the engine"))
                 self._waiting = self._waiting[len(admitted):]
-                self._admitting = len(admitted)
+                self._admitting, self._admitted = len(admitted), admitted
             try:
                 self._tick(dropped, admitted)
             except Exception as e:  # a bug in a backend: fail the batch, keep serving
                 log.exception("engine step failed")
-                rows = list(self._running.values()) + admitted
+                # `dropped` too: a failed backend.remove leaves them out of `_running`, unanswered.
+                rows = list(self._running.values()) + admitted + dropped
                 self._running.clear()
                 try:
                     self.backend.remove([r.key for r in rows])
@@ -259,9 +285,9 @@ class Engine:
                     log.exception("backend.remove failed after an engine error")
                 for r in rows:
                     self._finish(r, Failed(f"internal error in the engine: {type(e).__name__}"))
-            finally:
-                with self._cv:
-                    self._admitting = 0
+            # Not in a `finally`: should the thread die, `_loop` still needs `_admitted`.
+            with self._cv:
+                self._admitting, self._admitted = 0, []
 
     def _admissible(self, running: int) -> list[_Request]:
         """The longest prefix of the queue that fits (first come, first served: no overtaking).
@@ -292,15 +318,8 @@ class Engine:
                                        503))
         if admitted:
             # Prefill new rows now; everyone decodes together from the next step on.
-            try:
-                updates = self.backend.add([(r.key, r.prepared, r.options) for r in admitted])
-            except Exception as e:
-                # Only the new rows fail (DecodeState checks before it touches the live rows).
-                log.exception("prefill failed")
-                self.backend.remove([r.key for r in admitted])
-                status = 400 if isinstance(e, LalmError) else 500
-                for r in admitted:
-                    self._finish(r, Failed(f"prefill failed: {e}", status))
+            admitted, updates = self._prefill(admitted)
+            if not admitted:
                 return
             with self._cv:  # one move, so `load` and `submit` never see them in neither place
                 for r in admitted:
@@ -313,6 +332,27 @@ class Engine:
             self.steps += 1
             self._prefilled_last = False
         self.max_rows_seen = max(self.max_rows_seen, len(self._running))
+
+    def _prefill(self, admitted: list[_Request]) -> tuple[list[_Request], dict[int, Update]]:
+        """backend.add; the rows that were prefilled and their first tokens. A failed prefill
+        of several requests is retried one by one: one request's bad input (or one too big
+        for memory) must fail that request only, not others admitted in the same prefill."""
+        try:
+            return admitted, self.backend.add([(r.key, r.prepared, r.options) for r in admitted])
+        except Exception as e:
+            # Only the new rows fail (DecodeState checks before it touches the live rows).
+            log.exception("prefill failed")
+            self.backend.remove([r.key for r in admitted])
+            if len(admitted) == 1:
+                status = 400 if isinstance(e, LalmError) else 500
+                self._finish(admitted[0], Failed(f"prefill failed: {e}", status))
+                return [], {}
+        ok, updates = [], {}
+        for r in admitted:
+            rows, u = self._prefill([r])
+            ok += rows
+            updates.update(u)
+        return ok, updates
 
     def _consume(self, updates: dict[int, Update]) -> None:
         finished = []
