@@ -335,3 +335,26 @@ def test_http_oversized_bodies_are_413_and_server_keeps_serving():
         ok = httpx.post(f"{url}/v1/chat/completions",
                         json={"messages": [{"role": "user", "content": "hi"}]}, timeout=60)
         assert ok.status_code == 200
+
+
+def test_the_kv_cache_is_sized_to_the_gpus_free_memory(tiny, monkeypatch):
+    """The 7B's cache is 512 KiB a token in bf16: the defaults' 32 rows x 4,096 tokens (64 GiB)
+    beside ~16 GiB of weights failed every request on an 80 GB card, at the first prefill."""
+    import torch
+
+    from lalm.config import ModelConfig
+    from lalm.errors import ConfigError
+    from lalm.serve.backend import LALMBackend, cache_rows
+
+    text = ModelConfig.preset("qwen2-audio-7b").text
+    gib = 2**30
+    assert cache_rows(text, torch.bfloat16, 4096, 63 * gib, 32) == 28  # 0.9 x 63 GiB / 2 GiB a row
+    assert cache_rows(text, torch.bfloat16, 4096, 130 * gib, 32) == 32  # an H200: all of them
+    with pytest.raises(ConfigError, match="--max-model-len"):
+        cache_rows(text, torch.bfloat16, 4096, gib, 32)
+    assert LALMBackend(tiny, max_batch=32).max_batch == 32  # the CPU: as asked
+    per_row = 2 * tiny.config.text.num_hidden_layers * tiny.config.text.num_key_value_heads \
+        * tiny.config.text.head_dim * 4 * 1024  # fp32, max_model_len 1024
+    monkeypatch.setattr(type(tiny), "device", property(lambda self: torch.device("cuda", 0)))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(5.5 * per_row / 0.9), 99 * per_row))
+    assert LALMBackend(tiny, max_batch=32, max_model_len=1024).max_batch == 5

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lalm import generate as gen
+from lalm.errors import ConfigError
 from lalm.processor import collate
 from lalm.serve.engine import Options, Prepared, Update
 
@@ -25,10 +26,32 @@ class LALMBackend:
         self.max_batch = max_batch
         limit = lalm.config.text.max_position_embeddings
         self.max_context = min(limit, max_model_len or DEFAULT_MAX_MODEL_LEN)
+        self.max_batch = self._rows_that_fit(max_batch)
         self.stop_token_ids = frozenset(lalm.defaults.eos_token_ids)
         path = getattr(lalm, "path", None)
         self.model_name = name or (Path(path).name if path else "lalm")
         self.state: gen.DecodeState | None = None
+
+    def _rows_that_fit(self, wanted: int) -> int:
+        """On a GPU, as many of `wanted` rows of `max_context` tokens as its free memory holds.
+
+        The cache is allocated whole at the first request: for the 7B (32 layers x 32 KV heads x
+        128, bf16: 512 KiB a token) the defaults' 32 x 4096 tokens are 64 GiB, on top of ~16 GiB
+        of weights. Sized here, an 80 GB card serves fewer rows instead of failing every request.
+        """
+        device = self.lalm.device
+        if device.type != "cuda":
+            return wanted
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        rows = cache_rows(self.lalm.config.text, self.lalm.model.language_model.lm_head.weight.dtype,
+                          self.max_context, free, wanted)
+        if rows < wanted:
+            print(f"lalm serve: {rows} rows of {self.max_context} tokens fit in the "
+                  f"{free / 2**30:.1f} GiB free on {device} (asked for {wanted}; "
+                  "--max-batch / --max-model-len size the KV cache)", flush=True)
+        return rows
 
     @classmethod
     def load(cls, path, dtype=None, device=None, max_batch: int = 32,
@@ -107,3 +130,18 @@ class LALMBackend:
                 top=row.top_logprobs[-1] if row.top_logprobs else [])
             for row in rows
         }
+
+
+def cache_rows(text_config, dtype, max_context: int, free_bytes: int, wanted: int,
+               use: float = 0.9) -> int:
+    """Rows of `max_context` tokens whose keys and values fit in `use` x `free_bytes` (the rest is
+    for activations), at most `wanted`; a ConfigError when not even one does."""
+    import torch
+
+    per_token = (2 * text_config.num_hidden_layers * text_config.num_key_value_heads
+                 * text_config.head_dim * torch.empty((), dtype=dtype).element_size())
+    rows = min(wanted, int(use * free_bytes) // (per_token * max_context))
+    if rows < 1:
+        raise ConfigError(f"one row of {max_context} tokens needs {per_token * max_context / 2**30:.1f} GiB "
+                          f"of KV cache; {free_bytes / 2**30:.1f} GiB are free: lower --max-model-len")
+    return rows

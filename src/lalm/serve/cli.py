@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         asr_raw_prompt=args.asr_raw_prompt,
         shutdown_grace_s=args.shutdown_grace,
     )
-    app = create_app(Engine(backend, max_batch=args.max_batch, max_queue=args.max_queue,
+    # (the real backend may hold fewer rows than asked: what its GPU's free memory fits)
+    app = create_app(Engine(backend, max_batch=getattr(backend, "max_batch", args.max_batch), max_queue=args.max_queue,
                             max_prefill_tokens=args.max_prefill_tokens), config)
     print(f"lalm serve: {backend.model_name} on http://{args.host}:{args.port}/", flush=True)
     server = _server(app, host=args.host, port=args.port, log_level="info")
