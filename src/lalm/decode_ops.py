@@ -139,6 +139,11 @@ def decode_panels(old: kernels.Panels | None, linears: tuple[nn.Module, ...]) ->
     None for a wrapper such as LoRA (its decode GEMMs stay on its own forward). Without gradients."""
     if any(type(m) is not nn.Linear for m in linears):
         return None
+    # A weight without a version counter (loaded under torch.inference_mode: kernels.version_of)
+    # gets no copy, as one could never be told stale; its GEMMs take the other path. Checked
+    # first: fused_weight's view of such a weight raises here, outside inference mode.
+    if any(kernels.version_of(m.weight) is None for m in linears):
+        return None
     w = fused_weight(linears) if len(linears) > 1 else linears[0].weight.detach().t()  # (in, out)
     if w is None:
         return None
@@ -193,6 +198,11 @@ def use_decode_layout(model: nn.Module) -> None:
     with torch.inference_mode(False), torch.no_grad():
         for group in groups:
             if any(type(m) is not nn.Linear for m in group):  # e.g. LoRA wrappers: leave as is
+                continue
+            # Inference tensors (the model loaded under torch.inference_mode): setting .data of one
+            # to an ordinary tensor leaves a parameter that every later op, prefill's included,
+            # rejects ("Inference tensors do not track version counter"): leave as stored.
+            if any(kernels.version_of(m.weight) is None for m in group):
                 continue
             if len(group) > 1 and fused_weight(group) is not None:
                 continue

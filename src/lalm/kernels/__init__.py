@@ -56,8 +56,10 @@ def _load() -> dict | None:
         return None
     source = SOURCE.read_bytes()
     tag = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    lib = cache_dir() / f"decode_gemm-{tag}.so"
     try:
+        # Inside the try: Path.home() raises RuntimeError where no home can be found (HOME
+        # unset under a uid without a passwd entry, as containers run), and that must fall back.
+        lib = cache_dir() / f"decode_gemm-{tag}.so"
         if not lib.exists():
             lib.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
@@ -67,9 +69,11 @@ def _load() -> dict | None:
                 os.replace(out, lib)  # atomic: a concurrent process never loads a half-written file
         so = ctypes.CDLL(str(lib))
         fns = {torch.float32: so.lalm_decode_gemm_f32, torch.bfloat16: so.lalm_decode_gemm_bf16}
-    except (OSError, AttributeError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        warnings.warn(f"lalm: the CPU decode kernel could not be built or loaded ({e} {detail.decode()[-300:]}); "
+    except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:
+        # The compiler writes in its locale's encoding (not always UTF-8: a strict decode raised
+        # here instead of falling back), and over several lines: one line in a log.
+        detail = " ".join((getattr(e, "stderr", b"") or b"").decode(errors="replace").split())
+        warnings.warn(f"lalm: the CPU decode kernel could not be built or loaded ({e} {detail[-300:]}); "
                       f"decode steps use numpy's OpenBLAS", stacklevel=2)
         return None
     for fn in fns.values():
@@ -82,6 +86,17 @@ def set_threads(n: int) -> None:
     _threads[0] = max(1, n)
 
 
+def version_of(w: torch.Tensor) -> int | None:
+    """w's in-place write counter (torch's _version), or None where it has none: an inference
+    tensor (a model loaded under torch.inference_mode), also after its `.data` was set to an
+    ordinary tensor, where reading _version raises. Such a weight can change in place unseen (a
+    load_state_dict under inference_mode), so no copy of it is ever fresh."""
+    try:
+        return w._version
+    except RuntimeError:
+        return None
+
+
 @dataclass
 class Panels:
     """A weight (N, K) packed for the kernel: data (ceil(N/8), K, 8), panels of 8 output columns
@@ -91,7 +106,7 @@ class Panels:
     data: torch.Tensor
     n: int
     source_ptr: int
-    source_version: int
+    source_version: int | None
 
     @classmethod
     def pack(cls, w: torch.Tensor) -> Panels:
@@ -102,10 +117,11 @@ class Panels:
             padded = torch.cat([w, w.new_zeros(P * 8 - N, K)]) if P * 8 != N else w
             data = padded.reshape(P, 8, K).transpose(1, 2).contiguous()  # (P, K, 8)
         # _version is torch's in-place write counter, shared by a tensor and all its views.
-        return cls(data, N, w.data_ptr(), w._version)
+        return cls(data, N, w.data_ptr(), version_of(w))
 
     def fresh(self, w: torch.Tensor) -> bool:
-        return w.data_ptr() == self.source_ptr and w._version == self.source_version
+        version = version_of(w)
+        return version is not None and w.data_ptr() == self.source_ptr and version == self.source_version
 
 
 def decode_gemm(x: torch.Tensor, panels: Panels) -> torch.Tensor:
