@@ -12,7 +12,11 @@ const state = {
   messages: [],      // OpenAI-style history sent with every turn
   attachments: [],   // [{wavB64, url, seconds, name}]
   recorder: null,
+  starting: false,   // waiting for getUserMedia: a second tap must not open a second stream
+  pending: 0,        // audio being decoded/encoded, not yet in `attachments`
   busy: false,
+  controller: null,  // AbortController of the answer being streamed
+  sentAt: 0,
 };
 
 // ---------- settings ----------
@@ -79,6 +83,7 @@ function blobToBase64(blob) {
 
 async function attach(blob, name) {
   setStatus("processing audio…");
+  state.pending++;
   try {
     const { wav, seconds } = await toWav16k(blob);
     state.attachments.push({ wavB64: await blobToBase64(wav), url: URL.createObjectURL(wav), seconds, name });
@@ -86,6 +91,8 @@ async function attach(blob, name) {
     setStatus(`${name}: ${seconds.toFixed(1)} s ready to send`);
   } catch (e) {
     setStatus(`could not read ${name}: ${e.message || e}`);
+  } finally {
+    state.pending--;
   }
 }
 
@@ -109,15 +116,27 @@ function renderAttachments() {
 $("record").addEventListener("click", async () => {
   const btn = $("record");
   if (state.recorder) { state.recorder.stop(); return; }
-  let stream;
-  try {
-    stream = await navigator.mediaDevices.getUserMedia({ audio: true });
-  } catch (e) {
-    setStatus("microphone unavailable: " + (e.message || e.name));
+  if (state.starting) return;
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia || typeof MediaRecorder === "undefined") {
+    // Browsers only offer the microphone to secure pages: http://<LAN address> has none.
+    setStatus(window.isSecureContext
+      ? "this browser cannot record audio here; upload a file instead"
+      : "the microphone needs HTTPS (or http://localhost); upload a file instead");
     return;
   }
+  let stream, rec;
+  state.starting = true;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    rec = new MediaRecorder(stream);
+  } catch (e) {
+    if (stream) stream.getTracks().forEach((t) => t.stop());
+    setStatus("microphone unavailable: " + (e.message || e.name));
+    return;
+  } finally {
+    state.starting = false;
+  }
   const chunks = [];
-  const rec = new MediaRecorder(stream);
   rec.ondataavailable = (ev) => { if (ev.data.size) chunks.push(ev.data); };
   rec.onstop = async () => {
     stream.getTracks().forEach((t) => t.stop());
@@ -159,18 +178,23 @@ function addTurn(role, text, audios = []) {
 async function send(ev) {
   ev.preventDefault();
   if (state.busy) return;
+  if (state.recorder) { setStatus("stop the recording first (tap the red button), then send"); return; }
+  if (state.pending) { setStatus("still processing audio: send again when it is ready"); return; }
   const text = $("text").value.trim();
   if (!text && !state.attachments.length) { setStatus("record, upload or type something first"); return; }
   const content = state.attachments.map((a) => ({ type: "input_audio", input_audio: { data: a.wavB64, format: "wav" } }));
   if (text) content.push({ type: "text", text });
   addTurn("user", text, state.attachments);
-  state.messages.push({ role: "user", content });
+  const history = state.messages;  // "New conversation" swaps in a new array mid-answer
+  history.push({ role: "user", content });
   state.attachments = []; renderAttachments(); $("text").value = "";
 
   const turn = addTurn("assistant", "");
   turn.classList.add("streaming");
   const out = turn.querySelector(".content");
-  state.busy = true; $("send").disabled = true; setStatus("thinking…");
+  const controller = new AbortController();
+  state.busy = true; state.controller = controller; state.sentAt = performance.now();
+  $("send").textContent = "Stop"; setStatus("thinking…");
   const t0 = performance.now();
   let answer = "", firstAt = null, failed = null;
   try {
@@ -179,7 +203,8 @@ async function send(ev) {
       temperature: Number($("temperature").value), max_tokens: Number($("max-tokens").value),
       stream_options: { include_usage: true },
     };
-    const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body) });
+    const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body),
+                                                     signal: controller.signal });
     if (!r.ok) {
       const err = await r.json().catch(() => ({}));
       throw new Error(err.error ? err.error.message : `HTTP ${r.status}`);
@@ -212,7 +237,7 @@ async function send(ev) {
       }
     }
     if (failed) throw new Error(failed);
-    state.messages.push({ role: "assistant", content: answer });
+    history.push({ role: "assistant", content: answer });
     const meta = document.createElement("span");
     meta.className = "meta";
     const ttft = firstAt === null ? "-" : ((firstAt - t0) / 1000).toFixed(2) + " s";
@@ -220,22 +245,41 @@ async function send(ev) {
     turn.append(meta);
     setStatus("");
   } catch (e) {
-    turn.classList.add("error");
-    out.textContent = (answer ? answer + "\n" : "") + "Error: " + e.message;
-    state.messages.pop();  // the failed user turn is not part of the history
+    if (controller.signal.aborted) {
+      // Stopped: what was shown stays in the history; nothing shown, the question goes too.
+      if (answer) history.push({ role: "assistant", content: answer }); else history.pop();
+      const meta = document.createElement("span");
+      meta.className = "meta";
+      meta.textContent = "stopped";
+      turn.append(meta);
+    } else {
+      turn.classList.add("error");
+      out.textContent = (answer ? answer + "\n" : "") + "Error: " + e.message;
+      history.pop();  // the failed user turn is not part of the history
+    }
     setStatus("");
   } finally {
     turn.classList.remove("streaming");
     turn.dataset.done = "1";
-    state.busy = false; $("send").disabled = false;
+    state.busy = false; state.controller = null; $("send").textContent = "Send";
   }
 }
 
 $("composer").addEventListener("submit", send);
+$("send").addEventListener("click", (ev) => {
+  // While an answer streams the Send button is Stop; aborting the fetch closes the
+  // connection, which frees the server's row. A double-tap on Send is not a Stop.
+  if (!state.controller) return;
+  ev.preventDefault();
+  if (performance.now() - state.sentAt > 500) state.controller.abort();
+});
 $("text").addEventListener("keydown", (ev) => {
+  // Enter that confirms an IME composition (Chinese, Japanese, ...) is not a send.
+  if (ev.isComposing || ev.keyCode === 229) return;
   if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("composer").requestSubmit(); }
 });
 $("reset").addEventListener("click", () => {
+  if (state.controller) state.controller.abort();
   state.messages = []; state.attachments = []; renderAttachments();
   $("log").replaceChildren(); setStatus("new conversation");
 });
