@@ -101,8 +101,9 @@ def decode_scaling(model: str, dtype: str, threads: int) -> dict[int, float]:
     ex = m.prepare([{"role": "user", "content": "Tell me about the sounds of the city."}])
     out = {}
     for b in (1, 8, 32):
-        rows = [gen.Row(options=m.options(max_new_tokens=200, min_new_tokens=200, temperature=0),
-                        key=i) for i in range(b)]
+        # num_beams=1 as `lalm serve` decodes (a checkpoint's num_beams is for offline decoding)
+        rows = [gen.Row(options=m.options(max_new_tokens=200, min_new_tokens=200, temperature=0,
+                                          num_beams=1), key=i) for i in range(b)]
         state = gen.DecodeState.start(m.model, collate([ex] * b, m.tokenizer.pad_id), rows,
                                       max_rows=b, max_len=len(ex) + 201)
         state.step()
