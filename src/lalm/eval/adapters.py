@@ -419,7 +419,11 @@ def load(path: str | Path, benchmark: str | None = None, task: str | None = None
     elif name == "manifest":
         items = manifest(path)
     elif name == "manifests":
-        items = [it for f in sorted(path.glob("*.jsonl")) for it in load(f, limit=None)]
+        # An official file's task comes from --task where its folder does not name one (asr/, st/...);
+        # a lalm manifest's lines name theirs, and --task filters them below.
+        items = [it for f in sorted(path.glob("*.jsonl"))
+                 for it in (official_jsonl(f, None if task in (None, "auto") else task)
+                            if detect(f) == "official" else load(f, limit=None))]
     elif name in BENCHMARKS:
         items = BENCHMARKS[name](path)
     else:

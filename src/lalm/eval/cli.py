@@ -8,7 +8,8 @@
 covost2, meld, vocalsound, airbench; detected from its files, or named with --benchmark), an
 official eval jsonl ({"audio","prompt","gt","source"}), a lalm eval manifest, or a folder of
 manifests (e.g. the corpus's DIR/eval: every set there is evaluated, one report for all).
-Predictions go to OUTPUT/predictions.jsonl (restartable: done ids are skipped), the report to
+Predictions go to OUTPUT/predictions.jsonl (restartable: done ids are skipped; a rerun with a
+smaller --limit or another --task keeps the predictions it does not score), the report to
 OUTPUT/report.{md,json,png}: per source, and per subset where the eval lines name one. Under torchrun each rank takes a shard; rank 0 merges and scores.
 An item whose generation failed (unreadable audio...) keeps its error in the predictions file and is
 counted as skipped in the report, never scored as an empty answer.
@@ -127,7 +128,14 @@ def _device(arg: str | None) -> str | None:
     return None
 
 
-def _check_same_run(out: Path, settings: dict) -> None:
+def _model_id(model: str) -> str:
+    """A local checkpoint by its absolute path: `--model ckpt` run from two folders names two
+    models, and `./ckpt` and its absolute path one. A hub name stays as given."""
+    path = Path(str(model)).expanduser()
+    return str(path.resolve()) if path.exists() else str(model)
+
+
+def _check_same_run(out: Path, settings: dict, model_as_given: str | None = None) -> None:
     """A restart must not mix predictions made with other settings into one file."""
     file = out / "run.json"
     if file.exists():
@@ -135,7 +143,9 @@ def _check_same_run(out: Path, settings: dict) -> None:
             before = json.loads(file.read_text())
         except json.JSONDecodeError:
             before = None
-        if before != settings:
+        # A run.json written before models were recorded by absolute path holds --model as given.
+        legacy = settings | {"model": model_as_given} if model_as_given is not None else settings
+        if before != settings and before != legacy:
             raise ConfigError(f"{out} holds predictions of another run ({file}: {before}); "
                               "use another --output or delete the folder")
     elif int(os.environ.get("RANK", "0")) == 0:
@@ -152,12 +162,17 @@ def _run(args) -> int:
         raise ConfigError("lalm eval needs --model PATH and --data PATH (or: lalm eval score --predictions FILE)")
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
+    if args.limit is not None and args.limit < 1:  # 0 kept no item: an empty report, exit 0
+        raise ConfigError("--limit must be at least 1")
     items = adapters.load(args.data, benchmark=args.benchmark, task=args.task, limit=args.limit)
     out = Path(args.output)
+    if out.exists() and not out.is_dir():  # e.g. --output results.json: a traceback from mkdir otherwise
+        raise ConfigError(f"--output {out}: a file, not a folder (predictions and the report go in a folder)")
     # num_beams only when given: the run.json of an earlier run stays valid
-    _check_same_run(out, {"model": str(args.model), "data": str(Path(args.data).resolve()),
+    _check_same_run(out, {"model": _model_id(args.model), "data": str(Path(args.data).resolve()),
                           "prompt_style": args.prompt_style, "max_new_tokens": args.max_new_tokens,
-                          "dtype": args.dtype, **({"num_beams": args.num_beams} if args.num_beams else {})})
+                          "dtype": args.dtype, **({"num_beams": args.num_beams} if args.num_beams else {})},
+                    model_as_given=str(args.model))
     lm = lalm.load(args.model, dtype=args.dtype, device=_device(args.device))
     cfg = RunConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                     prompt_style=args.prompt_style, progress=not args.no_progress, num_beams=args.num_beams)

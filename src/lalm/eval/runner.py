@@ -152,9 +152,11 @@ def generate_predictions(lm, items: list[EvalItem], path: str | Path, cfg: RunCo
     out_path = path if world == 1 else path.with_name(f"{path.name}.rank{rank}")
     # A record that failed (unreadable audio, too long a prompt) is tried again: the cause may be
     # fixed by now; its new line, appended, replaces the old one in _merge.
-    done = {_key(r) for p in {path, out_path} for r in read_predictions(p) if not r.get("error")}
+    # A record made for another task (an official jsonl run again with another --task: another
+    # instruction) is no answer to this item either: generated again, the new line replaces it.
+    done = {_key(r): r.get("task") for p in {path, out_path} for r in read_predictions(p) if not r.get("error")}
     # Similar lengths batch together (less padding; greedy output does not depend on the batch).
-    todo = sorted((it for it in mine if it.key not in done), key=_audio_bytes)
+    todo = sorted((it for it in mine if it.key not in done or done[it.key] not in (None, it.task)), key=_audio_bytes)
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"eval[{rank}]" if world > 1 else "eval",
                unit="item", disable=not cfg.progress or rank != 0, dynamic_ncols=True)
     with open(out_path, "a", encoding="utf-8") as f:
@@ -184,10 +186,14 @@ def _merge(path: Path, items: list[EvalItem], world: int) -> None:
     for f in shard_files:
         by_key.update({_key(r): r for r in read_predictions(f)})
     tmp = path.with_name(path.name + ".tmp")
+    keys = {it.key for it in items}
     with open(tmp, "w", encoding="utf-8") as f:
         for it in items:
             if it.key in by_key:
                 f.write(json.dumps(by_key[it.key], ensure_ascii=False) + "\n")
+        # Predictions of items outside this run (an earlier run without --limit, or of another
+        # --task) stay in the file: a quick `--limit 5` rerun must not throw away hours of work.
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for k, r in by_key.items() if k not in keys)
     tmp.replace(path)
     for f in shard_files:
         f.unlink(missing_ok=True)
