@@ -55,10 +55,31 @@ def parse(args: argparse.Namespace) -> TrainConfig:
     return cfg.validate()
 
 
+def check_resume(cfg: TrainConfig) -> None:
+    """Refuse to --resume another stage's checkpoint in OUT. The loop would take its weights,
+    optimizer moments and step count as this stage's: an SFT run resumed in a finished
+    pre-training OUT started at pre-training's last step, trained nothing, and published the
+    pre-trained weights as OUT/final; a DPO one failed on a "missing reference" instead."""
+    from pathlib import Path
+
+    from lalm.train import checkpoint
+
+    found = checkpoint.newest_checkpoint(Path(cfg.out) / "checkpoints")
+    if found is None:
+        return
+    saved = checkpoint.read_trainer_state(found).get("config", {}).get("stage", cfg.stage)
+    if saved != cfg.stage:
+        raise ConfigError(f"{found}: a {saved} checkpoint; --resume continues the same stage "
+                          f"(this run is {cfg.stage}: give it another --out, and --init this checkpoint)")
+
+
 def run(args: argparse.Namespace) -> int:
     from lalm.train.loop import train
 
-    result = train(parse(args), resume=args.resume)
+    cfg = parse(args)
+    if args.resume:
+        check_resume(cfg)
+    result = train(cfg, resume=args.resume)
     if result.skipped:
         print(f"lalm train: skipped {result.skipped} bad record(s) (see {result.out / 'summary.json'})",
               file=sys.stderr)

@@ -8,6 +8,7 @@ are errors, never silently ignored: a typo in `lerning_rate` must not train with
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -114,6 +115,7 @@ class TrainConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.micro_batch_size < 0 or self.save_every < 0 or self.warmup_steps < 0 or self.keep_checkpoints < 0:
             raise ConfigError("micro_batch_size, save_every, warmup_steps and keep_checkpoints must be >= 0")
+        self._validate_numbers()
         for c in self.lora_components:
             if c not in COMPONENTS:
                 raise ConfigError(f"lora_components: {c!r} is not one of {', '.join(COMPONENTS)}")
@@ -131,6 +133,29 @@ class TrainConfig:
             raise ConfigError("lora_target_modules: LoRA (lora_r > 0) needs target module names")
         self._validate_feature_cache()
         return self
+
+    def _validate_numbers(self) -> None:
+        # Out-of-range optimiser values either crash deep in setup with an unnamed torch
+        # ValueError (AdamW's lr/betas/eps checks, set_num_threads) or, worse, train silently
+        # wrong: a negative lr (MuonAdamW checks nothing) or min_lr_ratio < 0 steps uphill,
+        # beta <= 0 turns DPO off or reverses the preference, augment_speed >= 1 draws speed
+        # factors <= 0.
+        if not (math.isfinite(self.lr) and self.lr >= 0):  # 0 is allowed: exports the init unchanged
+            raise ConfigError(f"lr: must be a finite number >= 0, got {self.lr}")
+        ranges = {"min_lr_ratio": (0.0, 1.0, True), "adam_beta1": (0.0, 1.0, False),
+                  "adam_beta2": (0.0, 1.0, False), "lora_dropout": (0.0, 1.0, False),
+                  "augment_speed": (0.0, 1.0, False)}
+        for key, (low, high, closed) in ranges.items():
+            v = getattr(self, key)
+            if not (low <= v <= high if closed else low <= v < high):
+                raise ConfigError(f"{key}: must be in [{low:g}, {high:g}{']' if closed else ')'}, got {v}")
+        for key in ("weight_decay", "adam_eps", "num_threads", "lora_r", "eval_every", "augment_gain_db"):
+            if not getattr(self, key) >= 0:  # `not >=` so that nan is refused too
+                raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if self.stage == "dpo" and not self.beta > 0:
+            raise ConfigError(f"beta: the DPO temperature must be > 0, got {self.beta}")
+        if self.stage != "dpo" and self.beta != TrainConfig.beta:  # as rpo_alpha: ignored there, so refused
+            raise ConfigError(f"beta: the DPO temperature, for stage dpo only (this run is {self.stage})")
 
     def _validate_feature_cache(self) -> None:
         if not 0.0 <= self.feature_dropout < 1.0:
@@ -191,7 +216,19 @@ class TrainConfig:
                 raise ConfigError(f"override {item!r}: expected --key=value")
             key, value = text.split("=", 1)
             key = key.replace("-", "_")
-            parsed = yaml.safe_load(value) if value != "" else None
+            if key not in known and not key.startswith("model."):
+                raise ConfigError(f"override {item!r}: unknown config key {key!r}")
+            if key in known and _is_text(type(self), key):
+                # A path or name is the text as typed: YAML would cut `run #2.jsonl` at the #,
+                # read `--out=010` as the octal 8 and `--data=yes` as True, and a leading @ or '
+                # is a YAML syntax error. Only "" and null still unset an optional field.
+                parsed = None if value in ("", "null") else value
+            else:
+                try:
+                    parsed = yaml.safe_load(value) if value != "" else None
+                except yaml.YAMLError as e:  # the key must be named, not a yaml traceback shown
+                    raise ConfigError(f"override {item!r}: {key}: {value!r} is not a YAML value "
+                                      f"({str(e).splitlines()[0]})") from None
             if key.startswith("model."):  # model.text.hidden_size=64 -> model["text"]["hidden_size"]
                 path = key.split(".")[1:]
                 model = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.model.items()}
@@ -203,9 +240,14 @@ class TrainConfig:
                 node[path[-1]] = parsed
                 self.model = model
                 continue
-            if key not in known:
-                raise ConfigError(f"override {item!r}: unknown config key {key!r}")
             setattr(self, key, _coerce(type(self), key, parsed, "override"))
+
+
+def _is_text(cls, key: str) -> bool:
+    """Whether field `key` is declared `str` or `str | None`."""
+    hint = typing.get_type_hints(cls)[key]
+    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                           and [a for a in typing.get_args(hint) if a is not type(None)] == [str])
 
 
 def _coerce(cls, key: str, value, source: str):
