@@ -256,12 +256,24 @@ def finish(p, saved: dict) -> None:
               + (f'   (spoken: "{spoken}")' if spoken else ""))
         print(f"  lalm-tiny: {answer}")
         print(f"  reference: {ref}")
-    home = "" if p.home == _default_home() else f"LALM_HOME={p.home} "
     print("\n== use it ==")
     print(f"  lalm chat --model {p.model_dir}")
     print(f"  lalm serve --model {p.model_dir}        # OpenAI-compatible API + web page")
     print(f"  lalm eval --model {p.model_dir} --data {p.corpus / 'eval'}")
-    print(f"  {home}make demo                       # again: reuses the corpus and the checkpoint")
+    print(f"  {again_command(p)}                       # again: reuses the corpus and the checkpoint")
+
+
+def again_command(p) -> str:
+    """The command that reruns this demo and reuses its steps: `make demo` runs the plain recipe
+    only, so a --quick, --threads, --device or --recipe run is named with its own flags."""
+    from lalm.demo import RECIPE_DIR
+
+    flags = (" --quick" if p.quick else "") \
+        + (f" --threads {p.threads}" if p.threads is not None else "") \
+        + (f" --device {p.device}" if p.device != "cpu" else "") \
+        + (f" --recipe {p.recipe_dir}" if Path(p.recipe_dir).resolve() != RECIPE_DIR.resolve() else "")
+    home = "" if p.home == _default_home() else f"LALM_HOME={p.home} "
+    return f"{home}lalm demo{flags}" if flags else f"{home}make demo"
 
 
 def _default_home() -> Path:
