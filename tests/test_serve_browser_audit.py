@@ -8,69 +8,13 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
-from pathlib import Path
 
-import numpy as np
-import pytest
-
-CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium"),
-]
-playwright_api = pytest.importorskip("playwright.sync_api")
-sf = pytest.importorskip("soundfile")
-
-from lalm.serve.app import create_app
-from lalm.serve.cli import background_server
-from lalm.serve.engine import Engine
-from lalm.serve.fake import FakeBackend
-
-
-class RecordingBackend(FakeBackend):
-    """The fake model, remembering the conversations it was asked to answer."""
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.conversations: list[list[dict]] = []
-
-    def prepare(self, conversation):
-        self.conversations.append(conversation)
-        return super().prepare(conversation)
-
-
-def tone_wav(path: Path, seconds: float = 3.0, rate: int = 48000) -> Path:
-    t = np.arange(int(seconds * rate)) / rate
-    x = 0.4 * np.sin(2 * np.pi * (300 + 80 * np.sin(2 * np.pi * 3 * t)) * t)
-    sf.write(path, x.astype(np.float32), rate, subtype="PCM_16")
-    return path
-
-
-@contextmanager
-def chat_page(tmp_path, backend: FakeBackend, init_script: str | None = None):
-    """(page, engine, errors): the page loaded and connected, on a phone-sized viewport."""
-    engine = Engine(backend, max_batch=4, max_queue=4)
-    wav = tone_wav(tmp_path / "mic.wav")
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream",
-            "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={wav}",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--no-first-run"]
-    with background_server(create_app(engine)) as url, playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=args)
-        try:
-            context = browser.new_context(viewport={"width": 390, "height": 760},
-                                          is_mobile=True, has_touch=True)
-            if init_script:
-                context.add_init_script(init_script)
-            page = context.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url + "/")
-            page.wait_for_function("document.getElementById('model').textContent === 'fake'")
-            yield page, engine, errors
-        finally:
-            browser.close()
+from test_serve_browser import (  # its marks and skips (chromium, playwright) apply here too
+    RecordingBackend,
+    chat_page,
+    pytestmark,  # noqa: F401
+    tone_wav,
+)
 
 
 def set_max_tokens(page, n: int) -> None:

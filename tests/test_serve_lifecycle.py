@@ -14,27 +14,16 @@ import threading
 import time
 
 import pytest
+from test_serve_engine import collect as collect_all
+from test_serve_engine import prep
 
 from lalm.errors import ChatFormatError
-from lalm.serve.engine import Delta, Engine, Failed, Finished, Options, Prepared, ShuttingDown
+from lalm.serve.engine import Engine, Failed, Finished, Options, ShuttingDown
 from lalm.serve.fake import FakeBackend
 
 
-def prep(backend, text: str) -> Prepared:
-    return backend.prepare([{"role": "user", "content": text}])
-
-
 async def collect(handle, timeout: float = 5.0) -> tuple[str, object]:
-    async def go():
-        text, end = [], None
-        async for ev in handle:
-            if isinstance(ev, Delta):
-                text.append(ev.text)
-            else:
-                end = ev
-        return "".join(text), end
-
-    return await asyncio.wait_for(go(), timeout)  # no answer in time: the request hangs
+    return await asyncio.wait_for(collect_all(handle), timeout)  # no answer in time: the request hangs
 
 
 def wait_until(cond, timeout: float = 5.0, what: str = "condition") -> None:
