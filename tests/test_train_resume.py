@@ -242,3 +242,15 @@ def test_resume_when_a_trainable_parameter_never_had_a_gradient(tmp_path):
     cfg.max_steps = 6
     train(cfg, resume=True)  # from step 4: the projector's AdamW state starts at its first gradient
     assert [r["step"] for r in read_metrics(tmp_path / "run")][-2:] == [5, 6]
+
+
+def test_resume_with_other_batches_says_it_no_longer_replays_the_run(tmp_path):
+    """--resume with another batch size or seed went on silently, though the remaining steps then
+    see other records than the uninterrupted run would (the guarantee --resume otherwise gives)."""
+    data = asr_manifest(tmp_path, n=8)
+    cfg = config(data, tmp_path / "run")
+    cfg.max_steps, cfg.save_every, cfg.batch_size = 2, 2, 2
+    train(cfg)
+    cfg.max_steps, cfg.batch_size, cfg.seed = 3, 4, cfg.seed + 1
+    with pytest.warns(UserWarning, match=r"batch_size=4 \(was 2\), seed=.*do not replay"):
+        train(cfg, resume=True)

@@ -209,6 +209,15 @@ class Trainer:
             raise ConfigError(f"{folder}: trained with optimizer {saved}; resume it with optimizer: {saved} "
                               f"(this run has {self.cfg.optimizer})")
         self.start_step = int(state["step"])
+        # What decides which records each remaining step sees: changed, the run goes on but no
+        # longer replays the uninterrupted one (what --resume otherwise guarantees); say so.
+        before = state.get("config", {})
+        changed = [f"{k}={getattr(self.cfg, k)!r} (was {before[k]!r})"
+                   for k in ("data", "batch_size", "seed", "length_grouping", "max_length")
+                   if k in before and before[k] != getattr(self.cfg, k)]
+        if changed and self.d.main:
+            warnings.warn(f"{folder}: resuming with {', '.join(changed)}: the remaining steps do not "
+                          "replay the uninterrupted run", stacklevel=2)
         checkpoint.load_optimizer_tensors(self.optimizer, checkpoint.read_tensors(folder, "optimizer.safetensors"),
                                           self.names, str(folder), frozenset(state.get("stateless_params", ())))
         rng = folder / "trainer" / f"rng-rank{self.d.rank}.safetensors"
