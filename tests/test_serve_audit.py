@@ -17,6 +17,8 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 sf = pytest.importorskip("soundfile")
 
+from test_serve_engine import ByteBackend
+
 from lalm.serve.app import ServerConfig, create_app
 from lalm.serve.cli import background_server
 from lalm.serve.engine import Engine
@@ -87,17 +89,10 @@ def test_neutral_values_and_harmless_fields_are_accepted(client):
     assert same.choices[0].message.content == plain.choices[0].message.content
 
 
-class SplitCharBackend(FakeBackend):
+class SplitCharBackend(ByteBackend):
     """Answers "é€" as one byte per token, so characters are split across tokens."""
 
     answer = "é€".encode()
-
-    def _pick(self, row):
-        i = len(row.tokens)
-        return self.answer[i] + 1 if i < len(self.answer) else 0
-
-    def token_bytes(self, token):
-        return bytes([token - 1]) if token else b""
 
 
 def test_logprob_bytes_are_the_tokens_own_bytes():
